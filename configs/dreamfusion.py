@@ -1,0 +1,152 @@
+"""DreamFusion with Stable Diffusion 2.1 base: every knob of a text-to-3D run.
+
+Usage:
+  python scripts/train.py --config=configs/dreamfusion.py --config.prompt="a hamburger"
+  python scripts/train.py --config=configs/dreamfusion.py:small ...   # a named variant
+
+Named variants (the part after ':'):
+  small   fewer steps and a smaller field: a quick look at a prompt.
+  tiny    a few steps at toy sizes on a tiny random model directory (tests, CI); needs
+          --config.guidance.model=DIR pointing at such a directory.
+"""
+
+import ml_collections
+
+
+def get_config(variant: str = "") -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.prompt = "a DSLR photo of a hamburger"
+  c.seed = 0
+
+  # The 2D prior (dreamfusion_jax.guidance).
+  g = c.guidance = ml_collections.ConfigDict()
+  g.model = "stabilityai/stable-diffusion-2-1-base"  # hub id (from the local cache) or directory
+  g.dtype = "float32"  # or "bfloat16" for the frozen weights and activations
+  g.negative_prompt = ""
+  g.view_dependent = True  # append ", front view" etc. by camera azimuth/elevation
+  g.guidance_scale = 100.0
+  g.t_min = 0.02  # fraction of the diffusion's training timesteps
+  g.t_max = 0.98
+  g.t_max_end = 0.98  # t_max anneals linearly to this over t_anneal_steps (0: off)
+  g.t_anneal_steps = 0
+  g.weighting = "sds"  # w(t): see dreamfusion_jax.guidance.sds
+  g.grad_clip = 0.0  # clip |w(t)(eps_hat - eps)| elementwise; 0 disables
+  g.image_size = 512  # rendered images are resized to this before the VAE
+  g.latent_mode = False  # render 4 latent channels at 64x64 and skip the VAE
+
+  # Rendering of training views.
+  r = c.render = ml_collections.ConfigDict()
+  r.height = 64
+  r.width = 64
+  r.num_samples = 64
+  r.num_importance_samples = 0
+  r.bound = 1.0  # radius of the bounding sphere
+  r.normal_mode = "analytic"  # or "finite_difference"
+  r.ambient = 0.1
+  r.diffuse = 0.9
+  r.shading_probs = (0.1, 0.45, 0.45)  # albedo, lambertian, textureless (DreamFusion)
+  r.albedo_warmup_steps = 0  # albedo-only shading for the first steps
+  r.eval_chunk = 4096  # rays per chunk when rendering evaluation views
+
+  cam = c.cameras = ml_collections.ConfigDict()
+  cam.radius_range = (1.0, 1.5)
+  cam.elevation_range_deg = (-10.0, 45.0)
+  cam.azimuth_range_deg = (-180.0, 180.0)
+  cam.fovy_range_deg = (40.0, 70.0)
+  cam.camera_perturb = 0.1
+  cam.center_perturb = 0.2
+  cam.up_perturb = 0.02
+  cam.stratified_azimuth = True
+  cam.light_distance_range = (0.8, 1.5)
+  cam.light_perturb = 1.0
+  cam.overhead_threshold_deg = 60.0
+  cam.front_threshold_deg = 45.0
+  cam.back_threshold_deg = 45.0
+  # Fixed views for validation renders and videos.
+  cam.eval_num_views = 4
+  cam.eval_elevation_deg = 15.0
+  cam.eval_radius = 1.25
+  cam.eval_fovy_deg = 55.0
+
+  f = c.field = ml_collections.ConfigDict()
+  f.encoding = "hashgrid"  # or "positional"
+  f.num_levels = 16
+  f.features_per_level = 2
+  f.log2_table_size = 19
+  f.base_resolution = 16
+  f.max_resolution = 2048
+  f.num_frequencies = 6  # positional encoding only
+  f.hidden_dim = 64
+  f.num_layers = 2
+  f.density_activation = "softplus"  # or "exp"
+  # DreamFusion's blob 5 (1 - |x| / 0.5): dense inside, clear (negative bias) outside.
+  f.blob_kind = "linear"  # "linear" (DreamFusion), "gaussian" (Magic3D) or "none"
+  f.blob_strength = 5.0
+  f.blob_radius = 0.5
+  f.progressive_start_levels = 16  # < num_levels: coarse-to-fine hash grid
+  f.progressive_update_every = 500
+
+  bg = c.background = ml_collections.ConfigDict()
+  bg.kind = "mlp"  # "mlp" (learned from ray direction), "fixed" or "random"
+  bg.color = (1.0, 1.0, 1.0)
+  bg.num_frequencies = 4
+  bg.hidden_dim = 32
+  bg.random_prob = 0.5  # with kind "mlp": chance of a random solid colour per image
+
+  # Regularizer weights; each ramps linearly from 0 over its warmup steps (0: constant).
+  lo = c.loss = ml_collections.ConfigDict()
+  lo.orientation_weight = 1e-2
+  lo.orientation_warmup_steps = 0
+  lo.opacity_weight = 0.0
+  lo.opacity_warmup_steps = 0
+  lo.entropy_weight = 0.0
+  lo.entropy_warmup_steps = 0
+
+  o = c.optim = ml_collections.ConfigDict()
+  o.lr = 1e-2
+  o.background_lr = 1e-3
+  o.b1 = 0.9
+  o.b2 = 0.99
+  o.eps = 1e-15
+  o.grad_clip = 0.0  # global-norm clipping; 0 disables
+  o.schedule = "constant"  # or "cosine"
+  o.warmup_steps = 0
+
+  t = c.train = ml_collections.ConfigDict()
+  t.steps = 10000
+  t.batch_size = 1  # per device: the global batch is devices x batch_size
+  t.log_every = 50
+  t.eval_every = 1000
+  t.ckpt_every = 1000
+  t.keep_checkpoints = 3
+  t.eval_height = 128
+  t.eval_width = 128
+  t.render_video = False  # turntable video at the end of training
+
+  c.distributed = False  # jax.distributed.initialize() first (multi-host TPU pods)
+
+  if variant == "small":
+    t.steps = 2000
+    f.log2_table_size = 16
+    f.max_resolution = 512
+    t.eval_every = t.ckpt_every = 500
+  elif variant == "tiny":
+    g.image_size = 32
+    g.guidance_scale = 7.5
+    r.height = r.width = 16
+    r.num_samples = 16
+    f.num_levels = 4
+    f.log2_table_size = 10
+    f.base_resolution = 4
+    f.max_resolution = 32
+    f.hidden_dim = 16
+    f.num_layers = 1
+    bg.hidden_dim = 8
+    cam.eval_num_views = 2
+    t.steps = 6
+    t.log_every = 2
+    t.eval_every = t.ckpt_every = 3
+    t.eval_height = t.eval_width = 16
+  elif variant:
+    raise ValueError(f"unknown variant {variant!r} of configs/dreamfusion.py; known: small, tiny")
+  return c
