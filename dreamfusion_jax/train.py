@@ -1,0 +1,484 @@
+"""DreamFusion optimisation: the pure train step, its pmap wrapper and the loop.
+
+One step (DreamFusion sec. 3): sample cameras and lights for the global batch, render
+this device's share, shade, take the guidance loss (SDS) on the images plus the
+regularizers, differentiate w.r.t. the scene parameters only, average gradients
+across devices with `pmean`, apply Adam. Every random draw comes from
+fold_in(seed key, step) and is made for the whole global batch before each device
+takes its slice, so D devices x batch b compute the same update as 1 device x batch
+D*b, and a resumed run repeats the randomness of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import signal
+import time
+from typing import Any, Callable, Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from dreamfusion_jax import cameras as cameras_lib
+from dreamfusion_jax import losses, render
+from dreamfusion_jax import scene as scene_lib
+
+Array = jax.Array
+AXIS = "batch"
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a resumed run needs; randomness is derived from `step`.
+
+  Attributes:
+    step: int32 scalar, number of steps taken (skipped ones included).
+    params: {"field": ..., "background": ...}.
+    opt_state: optax state.
+    num_skipped: int32 scalar, steps whose loss or gradient was not finite.
+  """
+
+  step: Array
+  params: Any
+  opt_state: Any
+  num_skipped: Array
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+  """Static settings of the train step, read once from the config."""
+
+  batch_size: int  # per device
+  num_devices: int  # devices sharing the global batch (all processes)
+  height: int
+  width: int
+  camera_kwargs: tuple  # (name, value) pairs for cameras.sample_cameras
+  light_distance_range: tuple
+  light_perturb: float
+  bucket_kwargs: tuple  # (name, value) pairs for cameras.view_bucket
+  shading_probs: tuple
+  albedo_warmup_steps: int
+  background_kind: str
+  background_color: tuple
+  background_random_prob: float
+  orientation: tuple  # (weight, warmup_steps)
+  opacity: tuple
+  entropy: tuple
+  t_min: float
+  t_max: float
+  t_max_end: float
+  t_anneal_steps: int
+
+  @property
+  def global_batch_size(self) -> int:
+    return self.batch_size * self.num_devices
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict, num_devices: int) -> "StepSettings":
+    c, g, lo = config.cameras, config.guidance, config.loss
+    camera_kwargs = (
+        ("radius_range", tuple(c.radius_range)), ("elevation_range_deg", tuple(c.elevation_range_deg)),
+        ("azimuth_range_deg", tuple(c.azimuth_range_deg)), ("fovy_range_deg", tuple(c.fovy_range_deg)),
+        ("camera_perturb", c.camera_perturb), ("center_perturb", c.center_perturb),
+        ("up_perturb", c.up_perturb), ("stratified_azimuth", c.stratified_azimuth))
+    bucket_kwargs = (("overhead_threshold_deg", c.overhead_threshold_deg),
+                     ("front_threshold_deg", c.front_threshold_deg), ("back_threshold_deg", c.back_threshold_deg))
+    return cls(
+        batch_size=config.train.batch_size, num_devices=num_devices, height=config.render.height,
+        width=config.render.width, camera_kwargs=camera_kwargs,
+        light_distance_range=tuple(c.light_distance_range), light_perturb=c.light_perturb,
+        bucket_kwargs=bucket_kwargs, shading_probs=tuple(config.render.shading_probs),
+        albedo_warmup_steps=config.render.albedo_warmup_steps, background_kind=config.background.kind,
+        background_color=tuple(config.background.color), background_random_prob=config.background.random_prob,
+        orientation=(lo.orientation_weight, lo.orientation_warmup_steps),
+        opacity=(lo.opacity_weight, lo.opacity_warmup_steps), entropy=(lo.entropy_weight, lo.entropy_warmup_steps),
+        t_min=g.t_min, t_max=g.t_max, t_max_end=g.t_max_end, t_anneal_steps=g.t_anneal_steps)
+
+
+def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+  """Adam with eps 1e-15 (instant-ngp's choice for hash tables), per-group learning
+  rates for the field and the background, optional global-norm clipping and schedule."""
+
+  def schedule(lr):
+    if optim.schedule == "constant":
+      sched = optax.constant_schedule(lr)
+    elif optim.schedule == "cosine":
+      sched = optax.cosine_decay_schedule(lr, max(total_steps - optim.warmup_steps, 1))
+    else:
+      raise ValueError(f"config.optim.schedule must be constant or cosine; got {optim.schedule!r}")
+    if optim.warmup_steps > 0:
+      sched = optax.join_schedules([optax.linear_schedule(0.0, lr, optim.warmup_steps), sched],
+                                   [optim.warmup_steps])
+    return sched
+
+  def adam(lr):
+    return optax.adam(schedule(lr), b1=optim.b1, b2=optim.b2, eps=optim.eps)
+
+  tx = optax.multi_transform({"field": adam(optim.lr), "background": adam(optim.background_lr)},
+                             {"field": "field", "background": "background"})
+  if optim.grad_clip > 0:
+    tx = optax.chain(optax.clip_by_global_norm(optim.grad_clip), tx)
+  return tx
+
+
+def create_train_state(scene: scene_lib.Scene, tx: optax.GradientTransformation, key: Array) -> TrainState:
+  params = scene.init(key)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    num_skipped=jnp.zeros((), jnp.int32))
+
+
+def _device_slice(tree, offset: Array, size: int):
+  """Rows [offset, offset + size) of every leaf's leading axis."""
+  return jax.tree_util.tree_map(lambda x: jax.lax.dynamic_slice_in_dim(x, offset, size, axis=0), tree)
+
+
+def _anneal(step: Array, start: float, end: float, steps: int) -> Array:
+  if steps <= 0:
+    return jnp.asarray(start, jnp.float32)
+  frac = jnp.minimum(1.0, step.astype(jnp.float32) / steps)
+  return start + (end - start) * frac
+
+
+def sample_views(key: Array, step: Array, settings: StepSettings) -> dict:
+  """All random choices of a step for the global batch of G views.
+
+  Returns:
+    dict of cameras (G), light_positions (G, 3), shading (G,), solid_background (G, 3),
+    use_solid_background (G,), render_keys (G, 2), guidance_keys (G, 2).
+  """
+  g = settings.global_batch_size
+  k = jax.random.split(key, 7)
+  cams = cameras_lib.sample_cameras(k[0], g, **dict(settings.camera_kwargs))
+  lights = cameras_lib.sample_lights(k[1], cams, distance_range=settings.light_distance_range,
+                                     position_perturb=settings.light_perturb)
+  shading = render.sample_shading(k[2], g, settings.shading_probs)
+  shading = jnp.where(step < settings.albedo_warmup_steps, render.ALBEDO, shading)
+  if settings.background_kind == "fixed":
+    solid = jnp.broadcast_to(jnp.asarray(settings.background_color, jnp.float32), (g, 3))
+    use_solid = jnp.ones((g,), bool)
+  else:
+    solid = jax.random.uniform(k[3], (g, 3))
+    prob = 1.0 if settings.background_kind == "random" else settings.background_random_prob
+    use_solid = jax.random.uniform(k[4], (g,)) < prob
+  return {"cameras": cams, "light_positions": lights, "shading": shading, "solid_background": solid,
+          "use_solid_background": use_solid, "render_keys": jax.random.split(k[5], g),
+          "guidance_keys": jax.random.split(k[6], g)}
+
+
+def train_step(
+    state: TrainState,
+    guidance_params: Any,
+    prompt_embeddings: Any,
+    base_key: Array,
+    *,
+    scene: scene_lib.Scene,
+    guidance: Any,
+    settings: StepSettings,
+    tx: optax.GradientTransformation,
+    axis_name: Optional[str] = AXIS,
+) -> tuple[TrainState, dict]:
+  """One DreamFusion step on this device's share of the global batch.
+
+  Args:
+    state: the scene's TrainState.
+    guidance_params: frozen parameters of the 2D prior (an argument, never a constant).
+    prompt_embeddings: the guidance's per-view-bucket text embeddings.
+    base_key: the run's PRNG key; this step's key is fold_in(base_key, state.step).
+    scene, guidance, settings, tx: static.
+    axis_name: pmap axis to average over, or None when not mapped.
+
+  Returns:
+    new state and a dict of scalar metrics (already averaged across devices).
+  """
+  step = state.step
+  views = sample_views(jax.random.fold_in(base_key, step), step, settings)
+  device = jax.lax.axis_index(axis_name) if axis_name else 0
+  views = _device_slice(views, device * settings.batch_size, settings.batch_size)
+  cams = views["cameras"]
+  buckets = cameras_lib.view_bucket(cams.azimuth_deg, cams.elevation_deg, **dict(settings.bucket_kwargs))
+  t_range = jnp.stack([jnp.asarray(settings.t_min, jnp.float32),
+                       _anneal(step, settings.t_max, settings.t_max_end, settings.t_anneal_steps)])
+  level_mask = scene.level_mask(step)
+  weights = {name: losses.ramped_weight(step, *getattr(settings, name))
+             for name in ("orientation", "opacity", "entropy")}
+
+  def loss_fn(params):
+    out = scene_lib.render_views(
+        scene, params, cams, height=settings.height, width=settings.width, keys=views["render_keys"],
+        light_positions=views["light_positions"], shading=views["shading"],
+        solid_background=views["solid_background"], use_solid_background=views["use_solid_background"],
+        level_mask=level_mask)
+    guidance_loss, guidance_metrics = guidance.loss(guidance_params, out["rgb"], prompt_embeddings, buckets,
+                                                    views["guidance_keys"], t_range)
+    regularizers = {"orientation": jnp.mean(out["orientation"]),
+                    "opacity": jnp.mean(out["opacity_sparsity"]),
+                    "entropy": jnp.mean(out["opacity_entropy"])}
+    total = guidance_loss + sum(weights[k] * regularizers[k] for k in regularizers)
+    metrics = {"loss": total, "guidance_loss": guidance_loss, **{f"reg_{k}": v for k, v in regularizers.items()},
+               **guidance_metrics, "mean_opacity": jnp.mean(out["opacity"])}
+    return total, metrics
+
+  grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
+  if axis_name:
+    grads = jax.lax.pmean(grads, axis_name)
+    metrics = jax.lax.pmean(metrics, axis_name)
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+  updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+  new_params = optax.apply_updates(state.params, updates)
+  # A non-finite step leaves the parameters and the optimiser's moments untouched:
+  # one bad guidance sample must not poison Adam's running averages.
+  keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
+  new_state = TrainState(step=step + 1, params=keep(new_params, state.params),
+                         opt_state=keep(new_opt_state, state.opt_state),
+                         num_skipped=state.num_skipped + (~finite).astype(jnp.int32))
+  metrics = dict(metrics, grad_norm=grad_norm, skipped=(~finite).astype(jnp.float32),
+                 t_max=t_range[1], **{f"weight_{k}": v for k, v in weights.items()})
+  return new_state, metrics
+
+
+def make_pmapped_step(scene, guidance, settings, tx) -> Callable:
+  """The train step pmapped over local devices: every argument carries a leading
+  device axis (replicate frozen inputs once); the state is donated."""
+  step_fn = functools.partial(train_step, scene=scene, guidance=guidance, settings=settings, tx=tx,
+                              axis_name=AXIS)
+  return jax.pmap(step_fn, axis_name=AXIS, donate_argnums=(0,))
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Rejects bad values before anything compiles, naming the field and what is allowed."""
+  problems = []
+
+  def check(ok, message):
+    if not ok:
+      problems.append(message)
+
+  r, t, g, c = config.render, config.train, config.guidance, config.cameras
+  check(bool(str(config.prompt).strip()), "config.prompt is empty: say what to make, e.g. --config.prompt='a hamburger'")
+  for name in ("height", "width", "num_samples"):
+    check(r[name] > 0, f"config.render.{name} must be > 0, got {r[name]}")
+  check(r.num_importance_samples >= 0, f"config.render.num_importance_samples must be >= 0, got {r.num_importance_samples}")
+  check(r.normal_mode in ("analytic", "finite_difference"),
+        f"config.render.normal_mode must be analytic or finite_difference, got {r.normal_mode!r}")
+  check(len(r.shading_probs) == 3 and min(r.shading_probs) >= 0 and sum(r.shading_probs) > 0,
+        f"config.render.shading_probs must be 3 non-negative odds (albedo, lambertian, textureless) "
+        f"with a positive sum, got {tuple(r.shading_probs)}")
+  check(0.0 <= g.t_min < g.t_max <= 1.0, f"config.guidance t range must satisfy 0 <= t_min < t_max <= 1, "
+        f"got t_min={g.t_min}, t_max={g.t_max}")
+  check(g.t_min < g.t_max_end <= 1.0, f"config.guidance.t_max_end must be in (t_min, 1], got {g.t_max_end}")
+  check(g.guidance_scale >= 0, f"config.guidance.guidance_scale must be >= 0, got {g.guidance_scale}")
+  check(t.steps > 0, f"config.train.steps must be > 0, got {t.steps}")
+  check(t.batch_size > 0, f"config.train.batch_size must be > 0, got {t.batch_size}")
+  for name in ("log_every", "eval_every", "ckpt_every", "keep_checkpoints"):
+    check(t[name] > 0, f"config.train.{name} must be > 0, got {t[name]}")
+  check(config.optim.lr > 0, f"config.optim.lr must be > 0, got {config.optim.lr}")
+  for name in ("radius_range", "elevation_range_deg", "azimuth_range_deg", "fovy_range_deg",
+               "light_distance_range"):
+    lo, hi = c[name]
+    check(lo <= hi, f"config.cameras.{name} must be (low, high) with low <= high, got {tuple(c[name])}")
+  check(-90.0 < c.elevation_range_deg[0] and c.elevation_range_deg[1] < 90.0,
+        f"config.cameras.elevation_range_deg must lie inside (-90, 90) (the look-at up vector is +z), "
+        f"got {tuple(c.elevation_range_deg)}")
+  check(0 < c.fovy_range_deg[0] and c.fovy_range_deg[1] < 180,
+        f"config.cameras.fovy_range_deg must lie inside (0, 180), got {tuple(c.fovy_range_deg)}")
+  check(min(c.radius_range) > r.bound, f"config.cameras.radius_range {tuple(c.radius_range)} must start outside "
+        f"the bounding sphere (config.render.bound={r.bound})")
+  if problems:
+    raise ValueError("invalid config:\n  " + "\n  ".join(problems))
+
+
+class _StopRequest:
+  """Turns SIGTERM/SIGINT into a flag checked between steps, so the loop can save a
+  checkpoint and exit cleanly instead of dying mid-step."""
+
+  def __init__(self):
+    self.signal = None
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signal = signum
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+class MetricWriter:
+  """Scalars to TensorBoard event files and metrics.jsonl, from process 0 only."""
+
+  def __init__(self, workdir: str, enabled: bool):
+    self.enabled = enabled
+    if enabled:
+      from tensorboardX import SummaryWriter  # optional import: only the writing process needs it
+
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+
+  def write(self, step: int, scalars: dict) -> None:
+    if not self.enabled:
+      return
+    for name, value in scalars.items():
+      self._tb.add_scalar(name, value, step)
+    self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+    self._jsonl.flush()
+
+  def close(self) -> None:
+    if self.enabled:
+      self._tb.close()
+      self._jsonl.close()
+
+
+def _unreplicate(tree):
+  return jax.tree_util.tree_map(lambda x: x[0], tree)
+
+
+def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  path = os.path.join(workdir, "config.json")
+  text = config.to_json_best_effort(indent=2, sort_keys=True)
+  if os.path.exists(path):
+    with open(path) as f:
+      if f.read() != text:
+        print(f"note: {path} differs from this run's config; resuming with the new one "
+              f"(the old one is kept as config.previous.json)")
+        os.replace(path, os.path.join(workdir, "config.previous.json"))
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, load_guidance=None) -> TrainState:
+  """Runs (or resumes) a text-to-3D optimisation in `workdir`.
+
+  Writes: config.json, checkpoints/<step>/, metrics.jsonl, tensorboard/, renders/*.png.
+
+  Args:
+    config: see configs/dreamfusion.py.
+    workdir: output directory; an existing one with checkpoints is resumed.
+    load_guidance: override of `guidance.load_from_config` (tests).
+
+  Returns:
+    the final (unreplicated) TrainState.
+  """
+  from tqdm import tqdm  # progress bar only in the loop
+
+  from dreamfusion_jax import guidance as guidance_lib
+  from dreamfusion_jax import images, visualize
+  from dreamfusion_jax.checkpoints import Checkpointer
+
+  validate_config(config)
+  is_writer = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  if is_writer:
+    _write_config(config, workdir)
+
+  # The prior first: a missing model must fail before anything compiles.
+  guidance, guidance_params = (load_guidance or guidance_lib.load_from_config)(config.guidance)
+  embeddings = guidance.prompt_embeddings(guidance_params, config.prompt, config.guidance.negative_prompt,
+                                          view_dependent=config.guidance.view_dependent)
+
+  scene = scene_lib.build_scene(config)
+  tx = make_optimizer(config.optim, config.train.steps)
+  settings = StepSettings.from_config(config, num_devices=jax.device_count())
+  init_key, base_key = jax.random.split(jax.random.PRNGKey(config.seed))
+  state = create_train_state(scene, tx, init_key)
+  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.train.keep_checkpoints)
+  if checkpointer.latest_step() is not None:
+    state = checkpointer.restore(state)
+    print(f"resumed from {checkpointer.directory}/{int(state.step)}")
+
+  devices = jax.local_devices()
+  replicate = lambda tree: jax.device_put_replicated(tree, devices)
+  p_state = replicate(state)
+  p_guidance_params, p_embeddings, p_key = (replicate(guidance_params), replicate(embeddings),
+                                            replicate(base_key))
+  del guidance_params
+  p_step = make_pmapped_step(scene, guidance, settings, tx)
+  eval_render = visualize.make_eval_renderer(scene, height=config.train.eval_height,
+                                             width=config.train.eval_width, chunk_size=config.render.eval_chunk)
+  eval_cams = visualize.eval_cameras(config)
+  writer = MetricWriter(workdir, is_writer)
+  t = config.train
+
+  def save_renders(step, state_now):
+    if not is_writer:
+      return
+    params = state_now.params
+    renders = jax.device_get(eval_render(params, eval_cams, level_mask=scene.level_mask(step)))
+    images.save_png(os.path.join(workdir, "renders", f"step_{step:06d}.png"), visualize.validation_grid(renders))
+
+  start = int(state.step)
+  last_log_time, last_log_step = time.perf_counter(), start
+  step = start
+  with _StopRequest() as stop, tqdm(total=t.steps, initial=start, disable=not is_writer, unit="step",
+                                    dynamic_ncols=True) as bar:
+    while step < t.steps:
+      p_state, p_metrics = p_step(p_state, p_guidance_params, p_embeddings, p_key)
+      step += 1
+      bar.update(1)
+      if step % t.log_every == 0 or step == t.steps:
+        metrics = {k: float(v) for k, v in _unreplicate(jax.device_get(p_metrics)).items()}
+        now = time.perf_counter()
+        metrics["step_time_s"] = (now - last_log_time) / (step - last_log_step)
+        last_log_time, last_log_step = now, step
+        metrics["num_skipped"] = float(p_state.num_skipped[0])
+        writer.write(step, metrics)
+        bar.set_postfix(loss=f"{metrics['loss']:.4g}", skipped=int(metrics["num_skipped"]))
+      if step % t.ckpt_every == 0 or step == t.steps or stop.signal is not None:
+        checkpointer.save(step, _unreplicate(p_state))
+      if step % t.eval_every == 0 or step == t.steps:
+        save_renders(step, _unreplicate(p_state))
+      if stop.signal is not None:
+        checkpointer.wait()
+        print(f"\nstopped by signal {stop.signal} at step {step}; checkpoint saved, rerun to resume")
+        break
+  checkpointer.wait()
+  checkpointer.close()
+  writer.close()
+  return jax.device_get(_unreplicate(p_state))
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The resolved config a run wrote to `workdir/config.json`."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: is {workdir!r} the --workdir of a training run?")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def restore_scene(workdir: str, step: Optional[int] = None) -> tuple[ml_collections.ConfigDict, scene_lib.Scene,
+                                                                     dict, int]:
+  """Scene and parameters of a run's checkpoint (the latest unless `step` is given).
+
+  Returns:
+    (config, scene, params, step).
+  """
+  from dreamfusion_jax.checkpoints import Checkpointer
+
+  config = load_config(workdir)
+  scene = scene_lib.build_scene(config)
+  tx = make_optimizer(config.optim, config.train.steps)
+  template = jax.eval_shape(lambda: create_train_state(scene, tx, jax.random.PRNGKey(0)))
+  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.train.keep_checkpoints)
+  steps = checkpointer.all_steps()
+  if not steps:
+    raise FileNotFoundError(f"no checkpoint under {checkpointer.directory}")
+  if step is not None and step not in steps:
+    raise ValueError(f"no checkpoint for step {step} in {checkpointer.directory}; available: {sorted(steps)}")
+  state = checkpointer.restore(template, step)
+  checkpointer.close()
+  return config, scene, state.params, int(state.step)

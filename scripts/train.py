@@ -1,0 +1,34 @@
+"""Text-to-3D: optimise a NeRF with Score Distillation Sampling.
+
+  python scripts/train.py --config=configs/dreamfusion.py \
+      --config.prompt="a hamburger" --config.optim.lr=1e-2 --workdir=runs/hamburger
+
+Any config field can be overridden with --config.<path>=<value>; unknown fields and
+values of the wrong type are rejected. Rerunning with the same --workdir resumes from
+its latest checkpoint.
+"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:variant]).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (checkpoints, renders, metrics).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  import jax  # after flag parsing: multi-host initialisation must precede any device use
+
+  config = _CONFIG.value
+  if config.distributed:
+    jax.distributed.initialize()
+  from dreamfusion_jax import train
+
+  train.train_and_evaluate(config, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)
