@@ -1,0 +1,42 @@
+"""Sweep grids of overrides."""
+
+import subprocess
+import sys
+
+import pytest
+
+from dreamfusion_jax import sweep
+
+
+def test_grid_is_the_cartesian_product():
+  runs = sweep.grid(["optim.lr=1e-2,5e-3", "guidance.guidance_scale=50,100,20"])
+  assert len(runs) == 6
+  assert {"optim.lr": "5e-3", "guidance.guidance_scale": "20"} in runs
+  assert len({sweep.run_name(r) for r in runs}) == 6
+
+
+def test_tuple_values_keep_their_commas():
+  key, values = sweep.parse_axis("cameras.radius_range=[(1,1.5),(1.5,2)]")
+  assert key == "cameras.radius_range" and values == ["(1,1.5)", "(1.5,2)"]
+
+
+@pytest.mark.parametrize("bad", ["optim.lr", "=1,2", "optim.lr=", "optim.lr=1,,2"])
+def test_bad_axes_are_rejected(bad):
+  with pytest.raises(ValueError, match="sweep axis|empty value"):
+    sweep.parse_axis(bad)
+
+
+def test_duplicate_keys_are_rejected():
+  with pytest.raises(ValueError, match="two sweep axes"):
+    sweep.grid(["optim.lr=1,2", "optim.lr=3"])
+
+
+def test_dry_run_prints_one_command_per_run(tmp_path):
+  out = subprocess.run(
+      [sys.executable, "scripts/sweep.py", "--config=configs/dreamfusion.py:tiny", f"--workdir={tmp_path}",
+       "--sweep=optim.lr=1e-2,5e-3", "--sweep=seed=0,1", "--set=prompt=a red cube", "--dry_run"],
+      capture_output=True, text=True, check=True)
+  lines = [l for l in out.stdout.splitlines() if l.startswith("[")]
+  assert len(lines) == 4
+  assert all("'--config.prompt=a red cube'" in l for l in lines)
+  assert any("--config.optim.lr=5e-3" in l and "--config.seed=1" in l and "lr=5e-3,seed=1" in l for l in lines)
