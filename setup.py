@@ -26,8 +26,10 @@ setuptools.setup(
         "tensorboardX>=2.6",
         "trimesh>=4.0",
         "PyMCubes>=0.1.4",
+        "scipy>=1.9",  # trimesh splits meshes into connected components with it
         "imageio>=2.30",
         "imageio-ffmpeg>=0.4.9",
+        "xatlas>=0.0.11",  # UV atlases for textured mesh export
     ],
     extras_require={
         # CPU torch for the PyTorch-parity tests and the benchmark reference; 2.13.0 is

@@ -448,7 +448,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, load_
   checkpointer.wait()
   checkpointer.close()
   writer.close()
-  return jax.device_get(_unreplicate(p_state))
+  final = jax.device_get(_unreplicate(p_state))
+  if config.train.render_video and is_writer and stop.signal is None:
+    from dreamfusion_jax import export
+
+    paths = export.render_turntable(config, scene, final.params, os.path.join(workdir, "videos", f"step_{step:06d}"),
+                                    step=step)
+    print(f"turntable video: {paths['mp4']}")
+  return final
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
