@@ -1,0 +1,189 @@
+"""Score Distillation Sampling (DreamFusion, Poole et al. 2022): the math, on arrays.
+
+Nothing here knows about Stable Diffusion or diffusers; `stable_diffusion.py` wires
+these functions to the models. Notation follows DDPM: alpha_bar_t = prod_{s<=t}
+(1 - beta_s) is the signal fraction at integer timestep t in [0, T), and the noisy
+latent is z_t = sqrt(alpha_bar_t) z + sqrt(1 - alpha_bar_t) eps.
+
+The SDS gradient of DreamFusion eq. 3 with respect to the latent z is
+
+    grad_z = w(t) (eps_hat(z_t; y, t) - eps),
+
+with eps_hat the classifier-free-guided noise prediction. It skips the UNet Jacobian,
+so it is injected through a surrogate loss whose gradient is exactly `grad_z`
+(`sds_surrogate_loss`), and the chain rule carries it back through the VAE encoder
+and the renderer.
+
+Weightings w(t) (`sds_weight`, the `weighting` config field):
+  "sds"         1 - alpha_bar_t. DreamFusion's w(t) = sigma_t^2 (appendix A.4: in
+                the variance-preserving process sigma_t^2 = 1 - alpha_bar_t); the
+                default of stable-dreamfusion and threestudio ("sds").
+  "uniform"     1.
+  "fantasia3d"  sqrt(alpha_bar_t) (1 - alpha_bar_t) (threestudio's "fantasia3d").
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+WEIGHTINGS = ("sds", "uniform", "fantasia3d")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+
+
+def ddpm_alphas_cumprod(
+    *,
+    beta_start: float,
+    beta_end: float,
+    beta_schedule: str,
+    num_train_timesteps: int,
+) -> np.ndarray:
+  """The DDPM noise schedule alpha_bar_t of a diffusers `scheduler_config.json`.
+
+  "linear": betas evenly spaced from beta_start to beta_end (Ho et al.);
+  "scaled_linear": betas whose square roots are evenly spaced (Stable Diffusion);
+  "squaredcos_cap_v2": the cosine schedule of Nichol & Dhariwal, betas capped at
+  0.999 (beta_start/beta_end unused), as diffusers computes it.
+
+  Returns:
+    (num_train_timesteps,) float32, decreasing from ~1 to ~0.
+  """
+  t = num_train_timesteps
+  if beta_schedule == "linear":
+    betas = np.linspace(beta_start, beta_end, t, dtype=np.float64)
+  elif beta_schedule == "scaled_linear":
+    betas = np.linspace(beta_start**0.5, beta_end**0.5, t, dtype=np.float64) ** 2
+  elif beta_schedule == "squaredcos_cap_v2":
+    f = lambda s: np.cos((s / t + 0.008) / 1.008 * np.pi / 2) ** 2
+    steps = np.arange(t, dtype=np.float64)
+    betas = np.minimum(1.0 - f(steps + 1) / f(steps), 0.999)
+  else:
+    raise ValueError(f"beta_schedule {beta_schedule!r} is not supported; known: {BETA_SCHEDULES}")
+  # The product of 1000 factors runs in float64; diffusers uses float32 and agrees to
+  # ~1e-6 relative.
+  return np.cumprod(1.0 - betas).astype(np.float32)
+
+
+def sample_timesteps(key: Array, batch_size: int, t_min: Array, t_max: Array,
+                     num_train_timesteps: int) -> Array:
+  """Integer timesteps t ~ U{round(t_min T), ..., round(t_max T)}, one per image.
+
+  t_min and t_max are fractions of T = num_train_timesteps and may be traced, so a
+  schedule that anneals them does not recompile. DreamFusion samples t in
+  [0.02, 0.98] T: very small t gives no signal, very large t no detail.
+
+  Args:
+    key: PRNG key. batch_size: B (static).
+    t_min, t_max: scalars in [0, 1], t_min <= t_max.
+
+  Returns:
+    (B,) int32 in [0, T - 1].
+  """
+  # Round, not floor: 0.02 * 1000 is 19.99999... in float32.
+  lo = jnp.clip(jnp.round(t_min * num_train_timesteps), 0, num_train_timesteps - 1).astype(jnp.int32)
+  hi = jnp.clip(jnp.round(t_max * num_train_timesteps), 0, num_train_timesteps - 1).astype(jnp.int32)
+  return jax.random.randint(key, (batch_size,), lo, jnp.maximum(hi, lo) + 1, dtype=jnp.int32)
+
+
+def _per_sample(x: Array, ndim: int) -> Array:
+  """(B,) -> (B, 1, ..., 1) with `ndim` dimensions in all, to scale (B, ...) arrays."""
+  return x.reshape(x.shape + (1,) * (ndim - x.ndim))
+
+
+def add_noise(alphas_cumprod: Array, latents: Array, noise: Array, t: Array) -> Array:
+  """Forward diffusion q(z_t | z): sqrt(alpha_bar_t) z + sqrt(1 - alpha_bar_t) eps.
+
+  Args:
+    alphas_cumprod: (T,) alpha_bar. latents, noise: (B, ...). t: (B,) int32.
+
+  Returns:
+    (B, ...) noisy latents, in the dtype of `latents`.
+  """
+  abar = _per_sample(alphas_cumprod[t], latents.ndim)
+  return (jnp.sqrt(abar) * latents + jnp.sqrt(1.0 - abar) * noise).astype(latents.dtype)
+
+
+def epsilon_from_v(alphas_cumprod: Array, v: Array, noisy_latents: Array, t: Array) -> Array:
+  """Noise from a v-prediction (Salimans & Ho 2022): eps = sqrt(abar) v + sqrt(1-abar) z_t.
+
+  Models such as SD 2.1 (768) predict v = sqrt(abar) eps - sqrt(1 - abar) z; SDS
+  needs eps.
+
+  Args:
+    alphas_cumprod: (T,). v, noisy_latents: (B, ...). t: (B,) int32.
+  """
+  abar = _per_sample(alphas_cumprod[t], v.ndim)
+  return jnp.sqrt(abar) * v + jnp.sqrt(1.0 - abar) * noisy_latents
+
+
+def classifier_free_guidance(eps_uncond: Array, eps_cond: Array, scale: float | Array) -> Array:
+  """eps_hat = eps_u + s (eps_c - eps_u) (Ho & Salimans 2022); s = 1 is the plain
+  conditional prediction, DreamFusion uses s = 100.
+
+  Args:
+    eps_uncond, eps_cond: (B, ...) noise predictions without / with the prompt.
+  """
+  return eps_uncond + scale * (eps_cond - eps_uncond)
+
+
+def sds_weight(alphas_cumprod: Array, t: Array, kind: str) -> Array:
+  """w(t) of the SDS gradient; see the module docstring for the kinds.
+
+  Args:
+    alphas_cumprod: (T,). t: (B,) int32. kind: one of WEIGHTINGS.
+
+  Returns:
+    (B,) float32.
+  """
+  abar = alphas_cumprod[t].astype(jnp.float32)
+  if kind == "sds":
+    return 1.0 - abar
+  if kind == "uniform":
+    return jnp.ones_like(abar)
+  if kind == "fantasia3d":
+    return jnp.sqrt(abar) * (1.0 - abar)
+  raise ValueError(f"weighting {kind!r} is not supported; known: {WEIGHTINGS}")
+
+
+def sds_gradient(eps_hat: Array, noise: Array, weight: Array, grad_clip: float | None = None) -> Array:
+  """The SDS gradient w(t) (eps_hat - eps) on the latents, made safe to apply.
+
+  Non-finite entries (a diverged bf16 UNet, say) become 0 rather than poisoning the
+  field's parameters, and with `grad_clip` each entry is clipped to [-c, c]
+  (threestudio's `grad_clip`); None or 0 disables clipping.
+
+  Args:
+    eps_hat: (B, ...) guided noise prediction. noise: (B, ...) the eps that was added.
+    weight: (B,) w(t).
+
+  Returns:
+    (B, ...) float32.
+  """
+  grad = _per_sample(weight, noise.ndim) * (eps_hat.astype(jnp.float32) - noise.astype(jnp.float32))
+  grad = jnp.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
+  if grad_clip:
+    grad = jnp.clip(grad, -grad_clip, grad_clip)
+  return grad
+
+
+def sds_surrogate_loss(latents: Array, grad: Array) -> Array:
+  """A scalar whose gradient with respect to `latents` is grad / B.
+
+  0.5 sum((z - stop_grad(z - g))^2) / B: its derivative is z - (z - g) = g per image,
+  averaged over the batch like a mean loss, so the learning rate does not depend on
+  the number of views. Its value, 0.5 |g|^2 / B, tracks the gradient's size, not
+  any distance to a target; it is for logging only.
+
+  Args:
+    latents: (B, ...) latents, differentiable back to the rendered images.
+    grad: (B, ...) the SDS gradient (treated as a constant).
+
+  Returns:
+    scalar float32.
+  """
+  latents = latents.astype(jnp.float32)
+  target = jax.lax.stop_gradient(latents - grad)
+  return 0.5 * jnp.sum((latents - target) ** 2) / latents.shape[0]
