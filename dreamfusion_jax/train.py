@@ -28,6 +28,7 @@ import optax
 
 from dreamfusion_jax import cameras as cameras_lib
 from dreamfusion_jax import losses, render
+from dreamfusion_jax.guidance import prompts as prompts_lib
 from dreamfusion_jax import scene as scene_lib
 
 Array = jax.Array
@@ -189,7 +190,7 @@ def train_step(
   Args:
     state: the scene's TrainState.
     guidance_params: frozen parameters of the 2D prior (an argument, never a constant).
-    prompt_embeddings: the guidance's per-view-bucket text embeddings.
+    prompt_embeddings: PromptEmbeddings, the text embeddings per view bucket.
     base_key: the run's PRNG key; this step's key is fold_in(base_key, state.step).
     scene, guidance, settings, tx: static.
     axis_name: pmap axis to average over, or None when not mapped.
@@ -205,6 +206,7 @@ def train_step(
   buckets = cameras_lib.view_bucket(cams.azimuth_deg, cams.elevation_deg, **dict(settings.bucket_kwargs))
   t_range = jnp.stack([jnp.asarray(settings.t_min, jnp.float32),
                        _anneal(step, settings.t_max, settings.t_max_end, settings.t_anneal_steps)])
+  cond, uncond = prompts_lib.select_embeddings(prompt_embeddings, buckets)
   level_mask = scene.level_mask(step)
   weights = {name: losses.ramped_weight(step, *getattr(settings, name))
              for name in ("orientation", "opacity", "entropy")}
@@ -215,7 +217,7 @@ def train_step(
         light_positions=views["light_positions"], shading=views["shading"],
         solid_background=views["solid_background"], use_solid_background=views["use_solid_background"],
         level_mask=level_mask)
-    guidance_loss, guidance_metrics = guidance.loss(guidance_params, out["rgb"], prompt_embeddings, buckets,
+    guidance_loss, guidance_metrics = guidance.loss(guidance_params, out["rgb"], cond, uncond,
                                                     views["guidance_keys"], t_range)
     regularizers = {"orientation": jnp.mean(out["orientation"]),
                     "opacity": jnp.mean(out["opacity_sparsity"]),
@@ -244,12 +246,16 @@ def train_step(
   return new_state, metrics
 
 
-def make_pmapped_step(scene, guidance, settings, tx) -> Callable:
-  """The train step pmapped over local devices: every argument carries a leading
-  device axis (replicate frozen inputs once); the state is donated."""
+def make_pmapped_step(scene, guidance, settings, tx, devices=None) -> Callable:
+  """The train step pmapped over `devices` (default: all local ones): every argument
+  carries a leading device axis (see `replicate`); the state is donated."""
   step_fn = functools.partial(train_step, scene=scene, guidance=guidance, settings=settings, tx=tx,
                               axis_name=AXIS)
-  return jax.pmap(step_fn, axis_name=AXIS, donate_argnums=(0,))
+  return jax.pmap(step_fn, axis_name=AXIS, donate_argnums=(0,), devices=devices)
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names the field and what is allowed."""
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -288,10 +294,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         f"got {tuple(c.elevation_range_deg)}")
   check(0 < c.fovy_range_deg[0] and c.fovy_range_deg[1] < 180,
         f"config.cameras.fovy_range_deg must lie inside (0, 180), got {tuple(c.fovy_range_deg)}")
-  check(min(c.radius_range) > r.bound, f"config.cameras.radius_range {tuple(c.radius_range)} must start outside "
-        f"the bounding sphere (config.render.bound={r.bound})")
+  check(c.radius_range[0] > 0, f"config.cameras.radius_range must be positive, got {tuple(c.radius_range)}")
   if problems:
-    raise ValueError("invalid config:\n  " + "\n  ".join(problems))
+    raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
 
 
 class _StopRequest:
@@ -341,6 +346,21 @@ class MetricWriter:
       self._jsonl.close()
 
 
+def replicate(tree, devices):
+  """One copy of every leaf on each device, stacked on a leading device axis as pmap
+  expects. Each device receives its copy directly, so no device ever holds all of
+  them (jax.device_put_replicated is gone from JAX 0.10)."""
+  sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), (AXIS,)),
+                                        jax.sharding.PartitionSpec(AXIS))
+
+  def copy_to_all(x):
+    x = jnp.asarray(x)
+    shards = [jax.device_put(x[None], d) for d in devices]
+    return jax.make_array_from_single_device_arrays((len(devices),) + x.shape, sharding, shards)
+
+  return jax.tree_util.tree_map(copy_to_all, tree)
+
+
 def _unreplicate(tree):
   return jax.tree_util.tree_map(lambda x: x[0], tree)
 
@@ -386,9 +406,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, load_
     _write_config(config, workdir)
 
   # The prior first: a missing model must fail before anything compiles.
-  guidance, guidance_params = (load_guidance or guidance_lib.load_from_config)(config.guidance)
-  embeddings = guidance.prompt_embeddings(guidance_params, config.prompt, config.guidance.negative_prompt,
-                                          view_dependent=config.guidance.view_dependent)
+  guidance, guidance_params = (load_guidance or guidance_lib.from_config)(config.guidance)
+  embeddings = prompts_lib.make_prompt_embeddings(guidance, guidance_params, config.prompt,
+                                                  config.guidance.negative_prompt, config.guidance.view_dependent)
 
   scene = scene_lib.build_scene(config)
   tx = make_optimizer(config.optim, config.train.steps)
@@ -401,10 +421,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, load_
     print(f"resumed from {checkpointer.directory}/{int(state.step)}")
 
   devices = jax.local_devices()
-  replicate = lambda tree: jax.device_put_replicated(tree, devices)
-  p_state = replicate(state)
-  p_guidance_params, p_embeddings, p_key = (replicate(guidance_params), replicate(embeddings),
-                                            replicate(base_key))
+  p_state = replicate(state, devices)
+  p_guidance_params, p_embeddings, p_key = (replicate(guidance_params, devices), replicate(embeddings, devices),
+                                            replicate(base_key, devices))
   del guidance_params
   p_step = make_pmapped_step(scene, guidance, settings, tx)
   eval_render = visualize.make_eval_renderer(scene, height=config.train.eval_height,

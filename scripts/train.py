@@ -8,7 +8,9 @@ values of the wrong type are rejected. Rerunning with the same --workdir resumes
 its latest checkpoint.
 """
 
-from absl import app, flags
+import sys
+
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:variant]).",
@@ -20,14 +22,19 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)  # orbax and JAX log every save and backend probe at INFO
   import jax  # after flag parsing: multi-host initialisation must precede any device use
 
   config = _CONFIG.value
   if config.distributed:
     jax.distributed.initialize()
-  from dreamfusion_jax import train
+  from dreamfusion_jax import guidance, train
 
-  train.train_and_evaluate(config, _WORKDIR.value)
+  try:
+    train.train_and_evaluate(config, _WORKDIR.value)
+  except (train.ConfigError, guidance.ModelNotFoundError) as e:
+    # Errors about the user's input: the message says what to change; a traceback would not help.
+    sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":
