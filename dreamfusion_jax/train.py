@@ -299,7 +299,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
 
 
-class _StopRequest:
+class StopRequest:
   """Turns SIGTERM/SIGINT into a flag checked between steps, so the loop can save a
   checkpoint and exit cleanly instead of dying mid-step."""
 
@@ -442,7 +442,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, load_
   start = int(state.step)
   last_log_time, last_log_step = time.perf_counter(), start
   step = start
-  with _StopRequest() as stop, tqdm(total=t.steps, initial=start, disable=not is_writer, unit="step",
+  with StopRequest() as stop, tqdm(total=t.steps, initial=start, disable=not is_writer, unit="step",
                                     dynamic_ncols=True) as bar:
     while step < t.steps:
       p_state, p_metrics = p_step(p_state, p_guidance_params, p_embeddings, p_key)

@@ -35,8 +35,8 @@ def tiny_sd(tmp_path_factory):
 
 
 def run_train(workdir, model, *extra, wait=True):
-  cmd = [sys.executable, "scripts/train.py", f"--workdir={workdir}", f"--config.guidance.model={model}",
-         *RUN_FLAGS, *extra]
+  cmd = [sys.executable, "scripts/train.py", f"--workdir={workdir}", *RUN_FLAGS,
+         f"--config.guidance.model={model}", *extra]
   if not wait:
     return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -108,7 +108,8 @@ def test_resume_after_sigkill_is_bit_exact(full_run, tiny_sd, tmp_path):
 def test_sigterm_saves_a_checkpoint_and_exits(tiny_sd, tmp_path):
   proc = run_train(tmp_path, tiny_sd, "--config.train.steps=1000", "--config.train.ckpt_every=500", wait=False)
   deadline = time.time() + 300
-  while not (tmp_path / "metrics.jsonl").exists() and time.time() < deadline:  # first logged step
+  metrics = tmp_path / "metrics.jsonl"
+  while not (metrics.exists() and metrics.stat().st_size > 0) and time.time() < deadline:  # first logged step
     time.sleep(0.05)
   proc.send_signal(signal.SIGTERM)
   out, _ = proc.communicate(timeout=120)

@@ -187,3 +187,21 @@ def sds_surrogate_loss(latents: Array, grad: Array) -> Array:
   latents = latents.astype(jnp.float32)
   target = jax.lax.stop_gradient(latents - grad)
   return 0.5 * jnp.sum((latents - target) ** 2) / latents.shape[0]
+
+
+def ddim_step(alphas_cumprod: Array, x_t: Array, eps: Array, t: Array, t_prev: Array) -> Array:
+  """One deterministic DDIM step (Song et al. 2021, eq. 12 with eta = 0).
+
+  x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t);
+  x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev) eps, with abar_prev = 1 for t_prev < 0.
+
+  Args:
+    alphas_cumprod: (T,). x_t, eps: (B, ...). t, t_prev: scalar int32 timesteps.
+
+  Returns:
+    (B, ...) x at t_prev.
+  """
+  abar_t = alphas_cumprod[t]
+  abar_prev = jnp.where(t_prev >= 0, alphas_cumprod[jnp.maximum(t_prev, 0)], 1.0)
+  x0 = (x_t - jnp.sqrt(1.0 - abar_t) * eps) / jnp.sqrt(abar_t)
+  return jnp.sqrt(abar_prev) * x0 + jnp.sqrt(1.0 - abar_prev) * eps

@@ -129,9 +129,19 @@ def _looks_like_hub_id(model: str) -> bool:
           and not os.path.isabs(model))
 
 
+def is_pixel_space(root: pathlib.Path) -> bool:
+  """A pixel-space diffusion model (like the embedded toy prior, or Imagen's base
+  model): its model_index.json lists no VAE, and the UNet denoises RGB directly."""
+  index = root / "model_index.json"
+  return index.is_file() and "vae" not in _read_json(index)
+
+
 def _missing_files(root: pathlib.Path) -> list[str]:
   missing = []
+  pixel_space = is_pixel_space(root)
   for folder, (required, weights) in _LAYOUT.items():
+    if folder == "vae" and pixel_space:
+      continue
     for name in required:
       if not (root / folder / name).is_file():
         missing.append(f"{folder}/{name}")
@@ -208,7 +218,7 @@ class StableDiffusionGuidance:
 
   model: str
   unet: FlaxUNet2DConditionModel
-  vae: FlaxAutoencoderKL
+  vae: FlaxAutoencoderKL | None  # None: a pixel-space model
   text_encoder: FlaxCLIPTextModel
   tokenizer: CLIPTokenizer
   settings: SDSSettings
@@ -274,6 +284,8 @@ def encode_images(guidance: StableDiffusionGuidance, vae_params: Params, images:
     (B, h, w, C) float32 latents z * scaling_factor (h = image_size / vae_downsample).
   """
   x = _resize(images, guidance.settings.image_size) * 2.0 - 1.0
+  if guidance.vae is None:  # pixel space
+    return x.astype(jnp.float32)
   x = jnp.transpose(x, (0, 3, 1, 2)).astype(guidance.dtype)  # diffusers' Flax VAE takes NCHW
   posterior = guidance.vae.apply({"params": vae_params}, x, method=guidance.vae.encode).latent_dist
   if guidance.settings.sample_posterior:
@@ -290,6 +302,8 @@ def encode_images(guidance: StableDiffusionGuidance, vae_params: Params, images:
 
 def decode_latents(guidance: StableDiffusionGuidance, vae_params: Params, latents: Array) -> Array:
   """Scaled latents (B, h, w, C) -> images (B, H, W, 3) float32 in [0, 1] (for viewing)."""
+  if guidance.vae is None:  # pixel space
+    return jnp.clip(latents.astype(jnp.float32) * 0.5 + 0.5, 0.0, 1.0)
   z = (latents / guidance.vae_scaling_factor).astype(guidance.dtype)
   x = guidance.vae.apply({"params": vae_params}, z, method=guidance.vae.decode).sample  # NCHW
   return jnp.clip(jnp.transpose(x, (0, 2, 3, 1)).astype(jnp.float32) * 0.5 + 0.5, 0.0, 1.0)
@@ -329,6 +343,35 @@ def guided_noise(guidance: StableDiffusionGuidance, params: Params, noisy_latent
   eps = predict_noise(guidance, params, jnp.concatenate([noisy_latents, noisy_latents]),
                       jnp.concatenate([t, t]), jnp.concatenate([uncond_emb, cond_emb]))
   return sds.classifier_free_guidance(eps[:b], eps[b:], guidance.settings.guidance_scale)
+
+
+def ddim_sample(guidance: StableDiffusionGuidance, params: Params, cond_emb: Array, uncond_emb: Array,
+                key: Array, *, num_steps: int = 20, guidance_scale: float = 3.0) -> Array:
+  """Samples images from the model with classifier-free-guided DDIM (eta = 0).
+
+  Args:
+    cond_emb, uncond_emb: (B, L, D) text embeddings.
+    key: PRNG key of the initial noise.
+    num_steps: DDIM steps, evenly spaced over the training timesteps.
+
+  Returns:
+    (B, H, W, 3) float32 images in [0, 1] (decoded by the VAE unless pixel space).
+  """
+  b = cond_emb.shape[0]
+  size = guidance.latent_size
+  x = jax.random.normal(key, (b, size, size, guidance.latent_channels), jnp.float32)
+  timesteps = jnp.asarray(np.linspace(guidance.num_train_timesteps - 1, 0, num_steps).round(), jnp.int32)
+  t_prev = jnp.concatenate([timesteps[1:], jnp.array([-1], jnp.int32)])
+
+  def step(x, ts):
+    t, tp = ts
+    tt = jnp.full((2 * b,), t, jnp.int32)
+    eps = predict_noise(guidance, params, jnp.concatenate([x, x]), tt, jnp.concatenate([uncond_emb, cond_emb]))
+    eps = sds.classifier_free_guidance(eps[:b], eps[b:], guidance_scale)
+    return sds.ddim_step(params["alphas_cumprod"], x, eps, t, tp), None
+
+  x, _ = jax.lax.scan(step, x, (timesteps, t_prev))
+  return decode_latents(guidance, params["vae"], x)
 
 
 def latent_sds_loss(guidance: StableDiffusionGuidance, params: Params, latents: Array, cond_emb: Array,
@@ -545,7 +588,10 @@ def load_stable_diffusion(
   root = resolve_model_dir(model, local_files_only=local_files_only, cache_dir=cache_dir)
 
   unet_config = _read_json(root / "unet" / "config.json")
-  vae_config = _read_json(root / "vae" / "config.json")
+  pixel_space = is_pixel_space(root)
+  # A pixel-space model's "latents" are the images in [-1, 1]: no VAE, no scaling.
+  vae_config = ({"block_out_channels": (0,), "latent_channels": unet_config.get("in_channels", 3),
+                 "scaling_factor": 1.0} if pixel_space else _read_json(root / "vae" / "config.json"))
   scheduler = _read_json(root / "scheduler" / "scheduler_config.json")
   vae_downsample = 2 ** (len(vae_config.get("block_out_channels", (64,))) - 1)
   _check_sizes(settings, unet_config, vae_downsample)
@@ -560,12 +606,12 @@ def load_stable_diffusion(
       num_train_timesteps=scheduler.get("num_train_timesteps", 1000))
 
   unet, unet_shapes = unet_from_config(unet_config, jdtype)
-  vae, vae_shapes = vae_from_config(vae_config, jdtype)
+  vae, vae_shapes = (None, {}) if pixel_space else vae_from_config(vae_config, jdtype)
   text_encoder, text_shapes = text_encoder_from_config(_read_json(root / "text_encoder" / "config.json"), jdtype)
   tokenizer = CLIPTokenizer.from_pretrained(str(root / "tokenizer"), local_files_only=True)
   params = {
       "unet": _load_params(root / "unet", _DIFFUSERS_WEIGHTS, unet_shapes, jdtype),
-      "vae": _load_params(root / "vae", _DIFFUSERS_WEIGHTS, vae_shapes, jdtype),
+      "vae": {} if pixel_space else _load_params(root / "vae", _DIFFUSERS_WEIGHTS, vae_shapes, jdtype),
       "text_encoder": _load_params(root / "text_encoder", _TRANSFORMERS_WEIGHTS, text_shapes, jdtype),
       # The schedule stays float32 even with bfloat16 weights: 1 - alpha_bar near t=0
       # would round to 0 in bfloat16.

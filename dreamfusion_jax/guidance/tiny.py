@@ -159,7 +159,7 @@ def _write_json(path: pathlib.Path, obj: Mapping) -> None:
   path.write_text(json.dumps(obj, indent=2, sort_keys=True))
 
 
-def write_tokenizer(folder: pathlib.Path) -> None:
+def write_tokenizer(folder: pathlib.Path, max_length: int = TINY_MAX_LENGTH) -> None:
   """A CLIPTokenizer directory (vocab.json, merges.txt, configs) for tiny_vocab()."""
   folder.mkdir(parents=True, exist_ok=True)
   _write_json(folder / "vocab.json", tiny_vocab())
@@ -167,18 +167,20 @@ def write_tokenizer(folder: pathlib.Path) -> None:
   special = {"bos_token": _BOS, "eos_token": _EOS, "unk_token": _EOS, "pad_token": _EOS}
   _write_json(folder / "special_tokens_map.json", special)
   _write_json(folder / "tokenizer_config.json",
-              {"tokenizer_class": "CLIPTokenizer", "model_max_length": TINY_MAX_LENGTH, **special})
+              {"tokenizer_class": "CLIPTokenizer", "model_max_length": max_length, **special})
 
 
 def write_pipeline_dir(path: str | pathlib.Path, params: Mapping[str, Mapping], *, fmt: str = "flax",
                        unet_config: Mapping = TINY_UNET_CONFIG, vae_config: Mapping = TINY_VAE_CONFIG,
                        text_encoder_config: Mapping | None = None,
-                       scheduler_config: Mapping = TINY_SCHEDULER_CONFIG) -> pathlib.Path:
+                       scheduler_config: Mapping = TINY_SCHEDULER_CONFIG,
+                       max_length: int = TINY_MAX_LENGTH) -> pathlib.Path:
   """Writes params and configs in the diffusers layout.
 
   Args:
     path: the directory to create (unet/, vae/, text_encoder/, tokenizer/, scheduler/).
-    params: {"unet", "vae", "text_encoder"} Flax param trees.
+    params: {"unet", "vae", "text_encoder"} Flax param trees ("vae" unused when
+      vae_config is None: a pixel-space model, whose model_index.json lists no VAE).
     fmt: "flax" (diffusion_flax_model.msgpack / flax_model.msgpack, as the Flax
       classes' save_pretrained writes them) or "safetensors" (PyTorch names and
       layouts: diffusion_pytorch_model.safetensors / model.safetensors).
@@ -193,9 +195,10 @@ def write_pipeline_dir(path: str | pathlib.Path, params: Mapping[str, Mapping], 
   prefix = "Flax" if fmt == "flax" else ""
   components = {
       "unet": ({"_class_name": f"{prefix}UNet2DConditionModel", **unet_config}, "diffusion"),
-      "vae": ({"_class_name": f"{prefix}AutoencoderKL", **vae_config}, "diffusion"),
       "text_encoder": (dict(text_encoder_config), "transformers"),
   }
+  if vae_config is not None:
+    components["vae"] = ({"_class_name": f"{prefix}AutoencoderKL", **vae_config}, "diffusion")
   for name, (config, library) in components.items():
     folder = root / name
     _write_json(folder / "config.json", config)
@@ -207,16 +210,19 @@ def write_pipeline_dir(path: str | pathlib.Path, params: Mapping[str, Mapping], 
       file = "diffusion_pytorch_model.safetensors" if library == "diffusion" else "model.safetensors"
       safetensors.numpy.save_file(weight_conversion.flax_to_pytorch(tree), str(folder / file),
                                   metadata={"format": "pt"})
-  write_tokenizer(root / "tokenizer")
+  write_tokenizer(root / "tokenizer", max_length)
   _write_json(root / "scheduler" / "scheduler_config.json", scheduler_config)
-  _write_json(root / "model_index.json", {
+  index = {
       "_class_name": f"{prefix}StableDiffusionPipeline",
       "unet": ["diffusers", f"{prefix}UNet2DConditionModel"],
       "vae": ["diffusers", f"{prefix}AutoencoderKL"],
       "text_encoder": ["transformers", f"{prefix}CLIPTextModel"],
       "tokenizer": ["transformers", "CLIPTokenizer"],
       "scheduler": ["diffusers", f"{prefix}DDIMScheduler"],
-  })
+  }
+  if vae_config is None:
+    del index["vae"]
+  _write_json(root / "model_index.json", index)
   return root
 
 

@@ -1,0 +1,74 @@
+"""Text-to-3D with the embedded toy prior: runs on a CPU in minutes, no download.
+
+  python scripts/train.py --config=configs/toy.py --config.prompt="a blue sphere" --workdir=runs/blue_sphere
+
+The prior (dreamfusion_jax/assets/toy_prior, trained by scripts/train_prior.py) knows
+a few shapes (cube, sphere, cone, torus) in a few colours (red, green, blue, yellow),
+rendered at 32x32 by the toy world's cameras; this config matches its view
+distribution and shading (toy_world.ViewDistribution).
+
+Variants: "quick" (fewer steps, for tests).
+"""
+
+import ml_collections
+
+from configs import dreamfusion
+from dreamfusion_jax import toy_prior, toy_world
+
+
+def get_config(variant: str = "") -> ml_collections.ConfigDict:
+  c = dreamfusion.get_config()
+  views = toy_world.ViewDistribution()
+  c.prompt = "a red cube"
+
+  g = c.guidance
+  g.model = str(toy_prior.PRIOR_DIR)
+  g.image_size = toy_prior.IMAGE_SIZE
+  g.guidance_scale = 20.0
+  g.t_min, g.t_max, g.t_max_end = 0.02, 0.98, 0.98
+
+  r = c.render
+  r.height = r.width = toy_prior.IMAGE_SIZE
+  r.num_samples = 48
+  r.ambient, r.diffuse = views.ambient, views.diffuse
+  r.shading_probs = views.shading_probs
+
+  cam = c.cameras
+  cam.radius_range = views.radius_range
+  cam.elevation_range_deg = views.elevation_range_deg
+  cam.fovy_range_deg = views.fovy_range_deg
+  cam.camera_perturb = cam.center_perturb = cam.up_perturb = 0.0  # the prior saw centred objects
+  cam.light_distance_range = views.light_distance_range
+  cam.light_perturb = views.light_perturb
+  cam.eval_num_views = 8
+  cam.eval_elevation_deg = 15.0
+  cam.eval_radius = 1.7
+  cam.eval_fovy_deg = 45.0
+
+  f = c.field
+  f.num_levels = 8
+  f.log2_table_size = 14
+  f.base_resolution = 8
+  f.max_resolution = 128
+  f.hidden_dim = 32
+  f.num_layers = 1
+
+  c.background.kind = "random"  # as in the prior's data: the object must explain the prompt
+
+  c.loss.orientation_weight = 1e-2
+  c.loss.opacity_weight = 0.0
+
+  c.optim.lr = 1e-2
+  t = c.train
+  t.steps = 400
+  t.batch_size = 4
+  t.log_every = 20
+  t.eval_every = t.ckpt_every = 100
+  t.eval_height = t.eval_width = 64
+
+  if variant == "quick":
+    t.steps = 150
+    t.eval_every = t.ckpt_every = 150
+  elif variant:
+    raise ValueError(f"unknown variant {variant!r} of configs/toy.py; known: quick")
+  return c

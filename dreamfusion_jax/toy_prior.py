@@ -1,0 +1,330 @@
+"""The embedded prior: a small pixel-space text-to-image diffusion model of the toy world.
+
+Like DreamFusion's Imagen 64x64 base model it denoises RGB directly (no VAE): a small
+`FlaxUNet2DConditionModel` (32x32, cross-attention at 16x16 and 8x8) conditioned on a
+small CLIP text encoder over a character-level tokenizer, trained jointly with the
+DDPM epsilon objective and classifier-free dropout of the text. It is saved in the
+diffusers layout without `vae/`, so `guidance.load_stable_diffusion` loads it through
+the same code path and SDS loss as Stable Diffusion.
+
+Training (scripts/train_prior.py) renders the data set once with the project's
+renderer (toy_world.render_objects) and checkpoints with orbax, so it resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import shutil
+import tempfile
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from dreamfusion_jax import toy_world
+from dreamfusion_jax.guidance import stable_diffusion, tiny
+
+Array = jax.Array
+
+# Where the trained prior ships inside the package.
+PRIOR_DIR = pathlib.Path(__file__).parent / "assets" / "toy_prior"
+IMAGE_SIZE = 32
+MAX_LENGTH = 32  # tokens: "a yellow sphere, overhead view" is 30 characters + BOS/EOS
+
+UNET_CONFIG = {
+    "sample_size": IMAGE_SIZE,
+    "in_channels": 3,
+    "out_channels": 3,
+    # No attention at 32x32 (1024 tokens would dominate the cost); cross-attention to
+    # the text at 16x16 and 8x8.
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [32, 64, 64],  # multiples of 32: diffusers' Flax UNet hard-codes GroupNorm(32)
+    "layers_per_block": 1,
+    "attention_head_dim": 4,  # read by diffusers as the number of heads
+    "cross_attention_dim": 64,
+    "use_linear_projection": True,
+    "norm_num_groups": 32,
+}
+SCHEDULER_CONFIG = {  # DDPM's linear schedule (Ho et al. 2020), as for pixel-space models
+    "_class_name": "DDIMScheduler",
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+}
+
+
+def text_encoder_config() -> dict[str, Any]:
+  vocab_size = len(tiny.tiny_vocab())
+  return {
+      "architectures": ["CLIPTextModel"],
+      "model_type": "clip_text_model",
+      "vocab_size": vocab_size,
+      "hidden_size": 64,
+      "intermediate_size": 128,
+      "num_hidden_layers": 2,
+      "num_attention_heads": 4,
+      "max_position_embeddings": MAX_LENGTH,
+      "hidden_act": "gelu",
+      "layer_norm_eps": 1e-5,
+      "projection_dim": 64,
+      "bos_token_id": vocab_size - 2,
+      "eos_token_id": vocab_size - 1,
+      "pad_token_id": vocab_size - 1,
+  }
+
+
+def write_prior_dir(path: str | os.PathLike, params: dict) -> pathlib.Path:
+  """Writes {"unet", "text_encoder"} params as a pixel-space diffusers directory,
+  atomically: a complete directory replaces the old one or nothing changes."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix=path.name + ".tmp", dir=path.parent))
+  try:
+    tiny.write_pipeline_dir(tmp, params, fmt="flax", unet_config=UNET_CONFIG, vae_config=None,
+                            text_encoder_config=text_encoder_config(), scheduler_config=SCHEDULER_CONFIG,
+                            max_length=MAX_LENGTH)
+    old = path.with_name(path.name + ".old")
+    if path.exists():
+      os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return path
+
+
+def init_params(seed: int) -> dict:
+  """Random {"unet", "text_encoder"} params (fan-in scaled, no compile)."""
+  _, unet_shapes = stable_diffusion.unet_from_config(UNET_CONFIG)
+  _, text_shapes = stable_diffusion.text_encoder_from_config(text_encoder_config())
+  return {"unet": tiny.random_params(unet_shapes, seed), "text_encoder": tiny.random_params(text_shapes, seed + 1)}
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptTable:
+  """Token ids of every prompt the prior is trained on.
+
+  ids[k, 0] is object k's plain prompt ("a red cube"), ids[k, 1 + b] the prompt with
+  the suffix of view bucket b ("a red cube, side view"); `empty` the unconditional "".
+  """
+
+  ids: np.ndarray  # (K, 5, L) int32
+  empty: np.ndarray  # (L,) int32
+
+
+def prompt_table(tokenizer) -> PromptTable:
+  from dreamfusion_jax.guidance.prompts import view_prompts
+
+  texts = [[p, *view_prompts(p)] for p, _, _ in toy_world.all_prompts()]
+  flat = [t for row in texts for t in row] + [""]
+  ids = tokenizer(flat, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="np").input_ids
+  ids = np.asarray(ids, np.int32)
+  return PromptTable(ids=ids[:-1].reshape(len(texts), 5, -1), empty=ids[-1])
+
+
+def render_dataset(seed: int, per_object: int, *, chunk: int = 64) -> dict:
+  """per_object random views of each of the world's 16 objects at IMAGE_SIZE.
+
+  Returns:
+    numpy dict: "images" (N, S, S, 3) uint8, "object" (N,) int32 index into
+    toy_world.all_prompts(), "bucket" (N,) int32 view bucket.
+  """
+  objects = toy_world.all_prompts()
+  shape_idx = np.repeat([toy_world.SHAPES.index(s) for _, s, _ in objects], per_object).astype(np.int32)
+  color_idx = np.repeat([toy_world.COLOR_NAMES.index(c) for _, _, c in objects], per_object).astype(np.int32)
+  object_idx = np.repeat(np.arange(len(objects)), per_object).astype(np.int32)
+  render_fn = jax.jit(lambda k, s, c: toy_world.render_objects(k, s, c, size=IMAGE_SIZE))
+  key = jax.random.PRNGKey(seed)
+  images, buckets = [], []
+  n = len(object_idx)
+  pad = -n % chunk
+  s_all, c_all = np.pad(shape_idx, (0, pad)), np.pad(color_idx, (0, pad))
+  for start in range(0, n + pad, chunk):
+    out = render_fn(jax.random.fold_in(key, start), s_all[start:start + chunk], c_all[start:start + chunk])
+    images.append(np.asarray(out["image"]))
+    buckets.append(np.asarray(out["bucket"]))
+  images = np.concatenate(images)[:n]
+  return {"images": np.round(np.clip(images, 0, 1) * 255).astype(np.uint8), "object": object_idx,
+          "bucket": np.concatenate(buckets)[:n].astype(np.int32)}
+
+
+@flax.struct.dataclass
+class PriorState:
+  step: Array
+  params: Any  # {"unet", "text_encoder"}
+  ema_params: Any
+  opt_state: Any
+
+
+def make_optimizer(lr: float, warmup_steps: int) -> optax.GradientTransformation:
+  schedule = optax.join_schedules([optax.linear_schedule(0.0, lr, warmup_steps), optax.constant_schedule(lr)],
+                                  [warmup_steps])
+  return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0))
+
+
+def sample_prompt_ids(key: Array, table_ids: Array, empty_ids: Array, objects: Array, buckets: Array, *,
+                      uncond_prob: float, view_prob: float) -> Array:
+  """Per image: "" with uncond_prob (classifier-free dropout), else the prompt with
+  its view suffix with view_prob, else the plain prompt.  Returns (B, L) int32."""
+  k_drop, k_view = jax.random.split(key)
+  b = objects.shape[0]
+  with_view = jax.random.uniform(k_view, (b,)) < view_prob
+  ids = table_ids[objects, jnp.where(with_view, 1 + buckets, 0)]
+  drop = jax.random.uniform(k_drop, (b,)) < uncond_prob
+  return jnp.where(drop[:, None], empty_ids[None], ids)
+
+
+def make_train_step(guidance, tx, *, uncond_prob: float = 0.1, view_prob: float = 0.5, ema_decay: float = 0.999):
+  """Pure (state, alphas_cumprod, table, batch, key) -> (state, loss): the DDPM epsilon
+  objective ||eps - eps_theta(sqrt(abar) x0 + sqrt(1 - abar) eps, t, text)||^2."""
+  from dreamfusion_jax.guidance import sds
+
+  def loss_fn(params, abar, x0, ids, t, noise):
+    text = guidance.text_encoder(ids, params=params["text_encoder"])[0]
+    noisy = sds.add_noise(abar, x0, noise, t)
+    out = guidance.unet.apply({"params": params["unet"]}, jnp.transpose(noisy, (0, 3, 1, 2)), t, text).sample
+    return jnp.mean((jnp.transpose(out, (0, 2, 3, 1)) - noise) ** 2)
+
+  def step(state: PriorState, abar, table_ids, empty_ids, images, objects, buckets, key):
+    key = jax.random.fold_in(key, state.step)
+    k_flip, k_ids, k_t, k_noise = jax.random.split(key, 4)
+    x0 = images.astype(jnp.float32) / 127.5 - 1.0
+    # Mirroring maps azimuth a to -a: the view bucket and the object stay the same.
+    flip = jax.random.uniform(k_flip, (x0.shape[0], 1, 1, 1)) < 0.5
+    x0 = jnp.where(flip, x0[:, :, ::-1], x0)
+    ids = sample_prompt_ids(k_ids, table_ids, empty_ids, objects, buckets, uncond_prob=uncond_prob,
+                            view_prob=view_prob)
+    t = jax.random.randint(k_t, (x0.shape[0],), 0, abar.shape[0])
+    noise = jax.random.normal(k_noise, x0.shape)
+    loss, grads = jax.value_and_grad(loss_fn)(state.params, abar, x0, ids, t, noise)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = jax.tree_util.tree_map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema_params, params)
+    return PriorState(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state), loss
+
+  return step
+
+
+
+def load(path: str | os.PathLike = PRIOR_DIR, **settings):
+  """The prior as a guidance: (StableDiffusionGuidance, params), pixel space."""
+  return stable_diffusion.load_stable_diffusion(
+      str(path), settings=stable_diffusion.SDSSettings(image_size=IMAGE_SIZE, **settings))
+
+
+def sample_images(guidance, params, prompts: list[str], key: Array, *, num_steps: int = 20,
+                  guidance_scale: float = 3.0) -> np.ndarray:
+  """DDIM samples, one per prompt: (N, IMAGE_SIZE, IMAGE_SIZE, 3) in [0, 1]."""
+  emb = guidance.encode_prompts(params, list(prompts) + [""])
+  cond, uncond = emb[:-1], jnp.broadcast_to(emb[-1], emb[:-1].shape)
+  sample = jax.jit(lambda p, c, u, k: stable_diffusion.ddim_sample(guidance, p, c, u, k, num_steps=num_steps,
+                                                                   guidance_scale=guidance_scale))
+  return np.asarray(sample(params, cond, uncond, key))
+
+
+def save_sample_grid(guidance, params, path: str, *, seed: int = 0, per_prompt: int = 2) -> np.ndarray:
+  """Writes a PNG grid: one row per shape, `per_prompt` samples per colour."""
+  from dreamfusion_jax import images
+
+  prompts = [p for p, _, _ in toy_world.all_prompts() for _ in range(per_prompt)]
+  samples = sample_images(guidance, params, prompts, jax.random.PRNGKey(seed))
+  cols = len(toy_world.COLOR_NAMES) * per_prompt
+  images.save_png(path, images.image_grid([samples[i * cols:(i + 1) * cols] for i in range(len(toy_world.SHAPES))]))
+  return samples
+
+
+def train_prior(workdir: str, *, steps: int, batch_size: int = 32, per_object: int = 256, lr: float = 5e-4,
+                warmup_steps: int = 200, seed: int = 0, log_every: int = 50, ckpt_every: int = 250,
+                export_every: int = 500, out_dir: str | os.PathLike = PRIOR_DIR) -> PriorState:
+  """Trains (or resumes) the prior in `workdir`; exports EMA weights to `out_dir`.
+
+  Batches are a function of (seed, step) only, so a resumed run is the same run.
+  """
+  import json
+  import time
+
+  from dreamfusion_jax import train as train_lib
+  from dreamfusion_jax.checkpoints import Checkpointer
+
+  work = pathlib.Path(workdir)
+  work.mkdir(parents=True, exist_ok=True)
+  data_path = work / "dataset.npz"
+  if not data_path.exists():
+    t0 = time.time()
+    data = render_dataset(seed, per_object)
+    tmp = work / "dataset.tmp.npz"
+    np.savez(tmp, **data)
+    os.replace(tmp, data_path)
+    print(f"rendered {len(data['object'])} training images in {time.time() - t0:.0f} s", flush=True)
+  data = dict(np.load(data_path))
+
+  init_dir = work / "init"
+  if not init_dir.exists():
+    write_prior_dir(init_dir, init_params(seed))
+  guidance, gparams = load(init_dir)
+  table = prompt_table(guidance.tokenizer)
+  tx = make_optimizer(lr, warmup_steps)
+  params = {"unet": gparams["unet"], "text_encoder": gparams["text_encoder"]}
+  # The EMA starts as a copy: params and ema_params are donated, so they must not share buffers.
+  state = PriorState(step=jnp.zeros((), jnp.int32), params=params,
+                     ema_params=jax.tree_util.tree_map(jnp.copy, params), opt_state=tx.init(params))
+  checkpointer = Checkpointer(str(work / "checkpoints"), max_to_keep=2)
+  if checkpointer.latest_step() is not None:
+    state = checkpointer.restore(state)
+    print(f"resumed the prior at step {int(state.step)}", flush=True)
+
+  step_fn = jax.jit(make_train_step(guidance, tx), donate_argnums=(0,))
+  abar = gparams["alphas_cumprod"]
+  table_ids, empty_ids = jnp.asarray(table.ids), jnp.asarray(table.empty)
+  images_all, objects_all, buckets_all = (jnp.asarray(data["images"]), jnp.asarray(data["object"]),
+                                          jnp.asarray(data["bucket"]))
+  key = jax.random.PRNGKey(seed)
+
+  def export(state):
+    out = write_prior_dir(out_dir, jax.device_get(state.ema_params))
+    sample_guidance, sample_params = load(out)
+    save_sample_grid(sample_guidance, sample_params, str(work / f"samples_{int(state.step):06d}.png"))
+    print(f"exported the EMA weights at step {int(state.step)} to {out}", flush=True)
+
+  log = open(work / "metrics.jsonl", "a")
+  start = int(state.step)
+  t_last, losses = time.time(), []
+  with train_lib.StopRequest() as stop:
+    for step in range(start, steps):
+      idx = np.random.default_rng([seed, step]).integers(0, len(data["object"]), batch_size)
+      state, loss = step_fn(state, abar, table_ids, empty_ids, images_all[idx], objects_all[idx],
+                            buckets_all[idx], key)
+      losses.append(loss)
+      done = step + 1
+      if done % log_every == 0:
+        mean_loss = float(np.mean(jax.device_get(losses)))
+        rate = (time.time() - t_last) / len(losses)
+        print(f"step {done}/{steps} loss {mean_loss:.4f} ({rate:.2f} s/step, "
+              f"eta {rate * (steps - done) / 60:.0f} min)", flush=True)
+        log.write(json.dumps({"step": done, "loss": mean_loss, "step_time_s": rate}) + "\n")
+        log.flush()
+        t_last, losses = time.time(), []
+      if done % ckpt_every == 0 or done == steps or stop.signal is not None:
+        checkpointer.save(done, state)
+      if done % export_every == 0 or done == steps:
+        checkpointer.wait()
+        export(state)
+      if stop.signal is not None:
+        print(f"stopped by signal {stop.signal} at step {done}; rerun to resume", flush=True)
+        break
+  checkpointer.wait()
+  checkpointer.close()
+  log.close()
+  return state

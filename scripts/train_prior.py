@@ -1,0 +1,35 @@
+"""Trains the embedded toy prior (resumable) and exports it into the package.
+
+  python scripts/train_prior.py --workdir=runs/prior --steps=4000
+
+Renders the training set with the project's renderer on the first run, checkpoints
+every --ckpt_every steps (rerun to resume) and writes the EMA weights to
+dreamfusion_jax/assets/toy_prior/ every --export_every steps, with a PNG grid of DDIM
+samples in the workdir.
+"""
+
+from absl import app, flags, logging
+
+_WORKDIR = flags.DEFINE_string("workdir", "runs/prior", "Checkpoints, data set and sample grids.")
+_STEPS = flags.DEFINE_integer("steps", 4000, "Total training steps.")
+_BATCH = flags.DEFINE_integer("batch_size", 32, "Images per step.")
+_PER_OBJECT = flags.DEFINE_integer("per_object", 256, "Rendered views of each of the 16 objects.")
+_LR = flags.DEFINE_float("lr", 5e-4, "Adam learning rate.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the data set, initialisation and batches.")
+_CKPT = flags.DEFINE_integer("ckpt_every", 250, "Steps between checkpoints.")
+_EXPORT = flags.DEFINE_integer("export_every", 500, "Steps between exports of the EMA weights.")
+_OUT = flags.DEFINE_string("out", None, "Export directory (default: the package's assets/toy_prior).")
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  from dreamfusion_jax import toy_prior
+
+  toy_prior.train_prior(_WORKDIR.value, steps=_STEPS.value, batch_size=_BATCH.value, per_object=_PER_OBJECT.value,
+                        lr=_LR.value, seed=_SEED.value, ckpt_every=_CKPT.value, export_every=_EXPORT.value,
+                        out_dir=_OUT.value or toy_prior.PRIOR_DIR)
+
+
+if __name__ == "__main__":
+  app.run(main)
