@@ -10,14 +10,25 @@ distribution and shading (toy_world.ViewDistribution).
 Variants: "quick" (fewer steps, for tests).
 """
 
+import importlib.util
+import os
+
 import ml_collections
 
-from configs import dreamfusion
 from dreamfusion_jax import toy_prior, toy_world
 
 
+def _base_config_module():
+  # By path: scripts load config files by path too, so configs/ need not be importable.
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dreamfusion.py")
+  spec = importlib.util.spec_from_file_location("_dreamfusion_base_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
-  c = dreamfusion.get_config()
+  c = _base_config_module().get_config()
   views = toy_world.ViewDistribution()
   c.prompt = "a red cube"
 
@@ -29,7 +40,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
 
   r = c.render
   r.height = r.width = toy_prior.IMAGE_SIZE
-  r.num_samples = 48
+  r.num_samples = 32
   r.ambient, r.diffuse = views.ambient, views.diffuse
   r.shading_probs = views.shading_probs
 
@@ -61,7 +72,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.optim.lr = 1e-2
   t = c.train
   t.steps = 400
-  t.batch_size = 4
+  t.batch_size = 2
   t.log_every = 20
   t.eval_every = t.ckpt_every = 100
   t.eval_height = t.eval_width = 64

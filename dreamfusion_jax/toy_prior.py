@@ -14,6 +14,7 @@ renderer (toy_world.render_objects) and checkpoints with orbax, so it resumes.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import pathlib
 import shutil
@@ -34,6 +35,7 @@ Array = jax.Array
 # Where the trained prior ships inside the package.
 PRIOR_DIR = pathlib.Path(__file__).parent / "assets" / "toy_prior"
 IMAGE_SIZE = 32
+TRAINING_STATE = "training_state.json"  # how far the shipped weights were trained
 MAX_LENGTH = 32  # tokens: "a yellow sphere, overhead view" is 30 characters + BOS/EOS
 
 UNET_CONFIG = {
@@ -84,9 +86,10 @@ def text_encoder_config() -> dict[str, Any]:
   }
 
 
-def write_prior_dir(path: str | os.PathLike, params: dict) -> pathlib.Path:
+def write_prior_dir(path: str | os.PathLike, params: dict, training_state: dict | None = None) -> pathlib.Path:
   """Writes {"unet", "text_encoder"} params as a pixel-space diffusers directory,
-  atomically: a complete directory replaces the old one or nothing changes."""
+  atomically: a complete directory replaces the old one or nothing changes.
+  `training_state` (steps trained, settings) goes to TRAINING_STATE beside them."""
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = pathlib.Path(tempfile.mkdtemp(prefix=path.name + ".tmp", dir=path.parent))
@@ -94,6 +97,8 @@ def write_prior_dir(path: str | os.PathLike, params: dict) -> pathlib.Path:
     tiny.write_pipeline_dir(tmp, params, fmt="flax", unet_config=UNET_CONFIG, vae_config=None,
                             text_encoder_config=text_encoder_config(), scheduler_config=SCHEDULER_CONFIG,
                             max_length=MAX_LENGTH)
+    if training_state is not None:
+      (tmp / TRAINING_STATE).write_text(json.dumps(training_state, indent=2, sort_keys=True))
     old = path.with_name(path.name + ".old")
     if path.exists():
       os.replace(path, old)
@@ -211,7 +216,11 @@ def make_train_step(guidance, tx, *, uncond_prob: float = 0.1, view_prob: float 
     loss, grads = jax.value_and_grad(loss_fn)(state.params, abar, x0, ids, t, noise)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    ema = jax.tree_util.tree_map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema_params, params)
+    # EMA warm-up (as in TF's ExponentialMovingAverage with num_updates): a fixed 0.999
+    # would still hold 0.999^500 = 61% of the random initialisation after 500 steps.
+    step_f = state.step.astype(jnp.float32)
+    decay = jnp.minimum(ema_decay, (1.0 + step_f) / (10.0 + step_f))
+    ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
     return PriorState(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state), loss
 
   return step
@@ -247,12 +256,16 @@ def save_sample_grid(guidance, params, path: str, *, seed: int = 0, per_prompt: 
 
 def train_prior(workdir: str, *, steps: int, batch_size: int = 32, per_object: int = 256, lr: float = 5e-4,
                 warmup_steps: int = 200, seed: int = 0, log_every: int = 50, ckpt_every: int = 250,
-                export_every: int = 500, out_dir: str | os.PathLike = PRIOR_DIR) -> PriorState:
+                export_every: int = 500, out_dir: str | os.PathLike = PRIOR_DIR,
+                warm_start: str | os.PathLike | None = None) -> PriorState:
   """Trains (or resumes) the prior in `workdir`; exports EMA weights to `out_dir`.
 
-  Batches are a function of (seed, step) only, so a resumed run is the same run.
+  Batches are a function of (seed, step) only, so a run resumed from its checkpoint
+  is the same run. Without a checkpoint, `warm_start` (a prior directory, e.g. the
+  shipped one) initialises the weights and the step count from its
+  training_state.json, with fresh Adam moments: training continues on a machine that
+  has only the committed weights (not bit-exact, since the optimiser state is lost).
   """
-  import json
   import time
 
   from dreamfusion_jax import train as train_lib
@@ -284,6 +297,13 @@ def train_prior(workdir: str, *, steps: int, batch_size: int = 32, per_object: i
   if checkpointer.latest_step() is not None:
     state = checkpointer.restore(state)
     print(f"resumed the prior at step {int(state.step)}", flush=True)
+  elif warm_start is not None:
+    _, warm = load(warm_start)
+    warm = {"unet": warm["unet"], "text_encoder": warm["text_encoder"]}
+    step0 = json.loads((pathlib.Path(warm_start) / TRAINING_STATE).read_text())["step"]
+    state = PriorState(step=jnp.asarray(step0, jnp.int32), params=warm,
+                       ema_params=jax.tree_util.tree_map(jnp.copy, warm), opt_state=tx.init(warm))
+    print(f"warm-started the prior from {warm_start} at step {step0} (fresh optimiser state)", flush=True)
 
   step_fn = jax.jit(make_train_step(guidance, tx), donate_argnums=(0,))
   abar = gparams["alphas_cumprod"]
@@ -293,7 +313,9 @@ def train_prior(workdir: str, *, steps: int, batch_size: int = 32, per_object: i
   key = jax.random.PRNGKey(seed)
 
   def export(state):
-    out = write_prior_dir(out_dir, jax.device_get(state.ema_params))
+    out = write_prior_dir(out_dir, jax.device_get(state.ema_params),
+                          {"step": int(state.step), "target_steps": steps, "batch_size": batch_size,
+                           "per_object": per_object, "lr": lr, "seed": seed})
     sample_guidance, sample_params = load(out)
     save_sample_grid(sample_guidance, sample_params, str(work / f"samples_{int(state.step):06d}.png"))
     print(f"exported the EMA weights at step {int(state.step)} to {out}", flush=True)
@@ -318,13 +340,15 @@ def train_prior(workdir: str, *, steps: int, batch_size: int = 32, per_object: i
         t_last, losses = time.time(), []
       if done % ckpt_every == 0 or done == steps or stop.signal is not None:
         checkpointer.save(done, state)
-      if done % export_every == 0 or done == steps:
+      if done % export_every == 0 or stop.signal is not None:
         checkpointer.wait()
         export(state)
       if stop.signal is not None:
         print(f"stopped by signal {stop.signal} at step {done}; rerun to resume", flush=True)
         break
   checkpointer.wait()
+  if stop.signal is None and int(state.step) % export_every != 0:  # the final weights (or a no-op rerun)
+    export(state)
   checkpointer.close()
   log.close()
   return state

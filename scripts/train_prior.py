@@ -1,6 +1,9 @@
 """Trains the embedded toy prior (resumable) and exports it into the package.
 
   python scripts/train_prior.py --workdir=runs/prior --steps=4000
+  # on a machine without that workdir, continue from the committed weights:
+  python scripts/train_prior.py --workdir=runs/prior --steps=4000 \
+      --warm_start=dreamfusion_jax/assets/toy_prior
 
 Renders the training set with the project's renderer on the first run, checkpoints
 every --ckpt_every steps (rerun to resume) and writes the EMA weights to
@@ -19,6 +22,8 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of the data set, initialisation an
 _CKPT = flags.DEFINE_integer("ckpt_every", 250, "Steps between checkpoints.")
 _EXPORT = flags.DEFINE_integer("export_every", 500, "Steps between exports of the EMA weights.")
 _OUT = flags.DEFINE_string("out", None, "Export directory (default: the package's assets/toy_prior).")
+_WARM = flags.DEFINE_string("warm_start", None, "Prior directory to start from when the workdir has no "
+                            "checkpoint (e.g. dreamfusion_jax/assets/toy_prior to continue the shipped weights).")
 
 
 def main(argv):
@@ -28,7 +33,7 @@ def main(argv):
 
   toy_prior.train_prior(_WORKDIR.value, steps=_STEPS.value, batch_size=_BATCH.value, per_object=_PER_OBJECT.value,
                         lr=_LR.value, seed=_SEED.value, ckpt_every=_CKPT.value, export_every=_EXPORT.value,
-                        out_dir=_OUT.value or toy_prior.PRIOR_DIR)
+                        out_dir=_OUT.value or toy_prior.PRIOR_DIR, warm_start=_WARM.value)
 
 
 if __name__ == "__main__":
