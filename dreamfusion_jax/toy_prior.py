@@ -257,7 +257,7 @@ def save_sample_grid(guidance, params, path: str, *, seed: int = 0, per_prompt: 
 def train_prior(workdir: str, *, steps: int, batch_size: int = 32, per_object: int = 256, lr: float = 5e-4,
                 warmup_steps: int = 200, seed: int = 0, log_every: int = 50, ckpt_every: int = 250,
                 export_every: int = 500, out_dir: str | os.PathLike = PRIOR_DIR,
-                warm_start: str | os.PathLike | None = None) -> PriorState:
+                warm_start: str | os.PathLike | None = None, export_only: bool = False) -> PriorState:
   """Trains (or resumes) the prior in `workdir`; exports EMA weights to `out_dir`.
 
   Batches are a function of (seed, step) only, so a run resumed from its checkpoint
@@ -265,6 +265,7 @@ def train_prior(workdir: str, *, steps: int, batch_size: int = 32, per_object: i
   shipped one) initialises the weights and the step count from its
   training_state.json, with fresh Adam moments: training continues on a machine that
   has only the committed weights (not bit-exact, since the optimiser state is lost).
+  `export_only` writes the latest checkpoint's EMA weights to `out_dir` and returns.
   """
   import time
 
@@ -319,6 +320,11 @@ def train_prior(workdir: str, *, steps: int, batch_size: int = 32, per_object: i
     sample_guidance, sample_params = load(out)
     save_sample_grid(sample_guidance, sample_params, str(work / f"samples_{int(state.step):06d}.png"))
     print(f"exported the EMA weights at step {int(state.step)} to {out}", flush=True)
+
+  if export_only:
+    export(state)
+    checkpointer.close()
+    return state
 
   log = open(work / "metrics.jsonl", "a")
   start = int(state.step)

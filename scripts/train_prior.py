@@ -22,6 +22,7 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of the data set, initialisation an
 _CKPT = flags.DEFINE_integer("ckpt_every", 250, "Steps between checkpoints.")
 _EXPORT = flags.DEFINE_integer("export_every", 500, "Steps between exports of the EMA weights.")
 _OUT = flags.DEFINE_string("out", None, "Export directory (default: the package's assets/toy_prior).")
+_EXPORT_ONLY = flags.DEFINE_bool("export_only", False, "Export the latest checkpoint's EMA weights and exit.")
 _WARM = flags.DEFINE_string("warm_start", None, "Prior directory to start from when the workdir has no "
                             "checkpoint (e.g. dreamfusion_jax/assets/toy_prior to continue the shipped weights).")
 
@@ -33,7 +34,8 @@ def main(argv):
 
   toy_prior.train_prior(_WORKDIR.value, steps=_STEPS.value, batch_size=_BATCH.value, per_object=_PER_OBJECT.value,
                         lr=_LR.value, seed=_SEED.value, ckpt_every=_CKPT.value, export_every=_EXPORT.value,
-                        out_dir=_OUT.value or toy_prior.PRIOR_DIR, warm_start=_WARM.value)
+                        out_dir=_OUT.value or toy_prior.PRIOR_DIR, warm_start=_WARM.value,
+                        export_only=_EXPORT_ONLY.value)
 
 
 if __name__ == "__main__":
