@@ -36,5 +36,6 @@ setuptools.setup(
         # the CPU build on our machines' disk (any other version pulls a CUDA build).
         "torch": ["torch==2.13.0"],
         "test": ["pytest>=7.0", "torch==2.13.0"],
+        "benchmark": ["torch==2.13.0"],
     },
 )
