@@ -562,8 +562,10 @@ def sd21_shaped_guidance(settings, *, dtype: str = "float32", seed: int = 0):
   from dreamfusion_jax.guidance import stable_diffusion as sd  # pylint: disable=g-import-not-at-top
   from transformers import CLIPTokenizer  # pylint: disable=g-import-not-at-top
 
+  if settings.image_size % 64 or settings.latent_mode:
+    raise ValueError(f"SD-2.1-base shapes need image_size a multiple of 64 (VAE x UNet downsampling) and no "
+                     f"latent mode; got {settings.image_size}, latent_mode={settings.latent_mode}")
   jdtype = sd.DTYPES[dtype]
-  sd._check_sizes(settings, SD21_UNET_CONFIG, 8)  # pylint: disable=protected-access
   unet, unet_shapes = sd.unet_from_config(SD21_UNET_CONFIG, jdtype)
   vae, vae_shapes = sd.vae_from_config(SD21_VAE_CONFIG, jdtype)
   text_encoder, text_shapes = sd.text_encoder_from_config(SD21_TEXT_ENCODER_CONFIG, jdtype)
@@ -633,6 +635,21 @@ def sd21_flop_model(*, batch_size: int = 1, image_size: int = 512, dtype: str = 
     render_config.train.batch_size = batch_size
     flops["render_fwd_bwd"] = render_flops(render_config)
   return flops
+
+
+def flop_model_table(flops: dict[str, Optional[float]], *, peak_tflops: float = 989.0,
+                     mfus: Sequence[float] = (1.0, 0.4)) -> str:
+  """The FLOP model as a table, plus the time per iteration at `peak_tflops` (H100 SXM
+  dense bfloat16 by default) for each MFU in `mfus`. The text encoder runs once per
+  run and is not part of an iteration."""
+  per_iteration = sum(v for k, v in flops.items() if k != "text_encoder" and v is not None)
+  rows = [[DESCRIPTIONS.get(k, k), None if v is None else round(v / 1e12, 3)] for k, v in flops.items()]
+  rows.append(["per iteration (without the text encoder)", round(per_iteration / 1e12, 3)])
+  lines = [format_table(["part", "TFLOP"], rows), ""]
+  for mfu in mfus:
+    ms = per_iteration / (peak_tflops * 1e12 * mfu) * 1e3
+    lines.append(f"at {peak_tflops:g} TFLOP/s and {100 * mfu:g} % MFU: {ms:.1f} ms per iteration")
+  return "\n".join(lines)
 
 
 def render_flops(config: ml_collections.ConfigDict) -> Optional[float]:

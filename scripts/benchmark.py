@@ -4,6 +4,7 @@
   python scripts/benchmark.py --torch --json=bench.json        # + the PyTorch reference
   python scripts/benchmark.py --scaling                        # + step time vs resolution/samples
   python scripts/benchmark.py --config=configs/dreamfusion.py --sd21_shapes   # full size (GPU/TPU)
+  python scripts/benchmark.py --config=configs/dreamfusion.py --sd21_flop_model  # FLOPs only, any machine
 
 See dreamfusion_jax/benchmark.py for what is measured and docs/performance.md for
 how to read it.
@@ -35,6 +36,9 @@ _TORCH_THREADS = flags.DEFINE_integer("torch_threads", None, "torch.set_num_thre
                                       "distorted: OpenMP barriers stall when a thread is descheduled.")
 _BF16 = flags.DEFINE_bool("bf16", False, "Guidance weights and activations in bfloat16.")
 _REMAT = flags.DEFINE_bool("remat", False, "jax.checkpoint around the renderer.")
+_FLOP_MODEL = flags.DEFINE_bool("sd21_flop_model", False, "Only print the FLOP model of one SD-2.1-base SDS "
+                                "iteration (XLA cost analysis of the lowered programs, nothing run) at the "
+                                "config's batch and render settings, and exit.")
 _SD21 = flags.DEFINE_bool("sd21_shapes", False, "SD-2.1-base-shaped models with random weights (no download); "
                           "use with --config=configs/dreamfusion.py (image_size 512).")
 
@@ -55,6 +59,13 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   from dreamfusion_jax import benchmark, guidance, train  # pylint: disable=g-import-not-at-top
 
+  if _FLOP_MODEL.value:
+    config = _CONFIG.value
+    flops = benchmark.sd21_flop_model(batch_size=config.train.batch_size, render_config=config)
+    print(f"SD-2.1-base, 512x512, batch {config.train.batch_size}, render {config.render.height}x"
+          f"{config.render.width} at {config.render.num_samples} samples per ray:")
+    print(benchmark.flop_model_table(flops))
+    return
   factory = _reference_factory() if _TORCH.value else None
   load = os.getloadavg()[0]
   if load > 0.5:

@@ -3,6 +3,7 @@ reference's agreement with our renderer and models on the same weights."""
 
 import dataclasses
 import os
+import re
 import sys
 
 import jax
@@ -130,6 +131,14 @@ def test_report_prints_every_section():
   assert "train step JAX/PyTorch: 0.50" in text and "(min)" in text
   assert "device peak memory: n/a" in text and "note: a note" in text
   assert "64x64" in text and "  3  " in text  # the scaling row and its growth over the first
+
+
+def test_flop_model_table_leaves_the_text_encoder_out_of_an_iteration():
+  flops = {"unet_cfg_fwd": 1.5e12, "vae_encode_fwd_bwd": 2.5e12, "text_encoder": 0.2e12}
+  text = benchmark.flop_model_table(flops, peak_tflops=1000.0, mfus=(1.0, 0.5))
+  assert re.search(r"per iteration \(without the text encoder\) +4\n", text)
+  assert "at 1000 TFLOP/s and 100 % MFU: 4.0 ms per iteration" in text
+  assert "at 1000 TFLOP/s and 50 % MFU: 8.0 ms per iteration" in text
 
 
 # ----------------------------------------------------------------------------- SD-2.1-base shapes
