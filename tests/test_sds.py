@@ -80,6 +80,36 @@ def test_epsilon_from_v_inverts_the_v_parameterisation(abar):
   np.testing.assert_allclose(sds.epsilon_from_v(abar, v, sds.add_noise(abar, x, eps, t), t), eps, atol=1e-5)
 
 
+@pytest.mark.parametrize("clip_x0", [None, 1.0])
+def test_ddim_step_with_the_true_noise_lands_on_the_noised_x0(abar, clip_x0):
+  # With eps equal to the noise that made x_t, DDIM recovers x0 exactly and re-noises
+  # it with the same eps at t_prev (Song et al. eq. 12, eta = 0).
+  x0 = jax.random.uniform(jax.random.PRNGKey(0), (2, 4, 4, 3), minval=-1.0, maxval=1.0)
+  eps = jax.random.normal(jax.random.PRNGKey(1), x0.shape)
+  t, t_prev = jnp.int32(700), jnp.int32(300)
+  x_t = sds.add_noise(abar, x0, eps, jnp.full((2,), t))
+  got = sds.ddim_step(abar, x_t, eps, t, t_prev, clip_x0)
+  np.testing.assert_allclose(got, sds.add_noise(abar, x0, eps, jnp.full((2,), t_prev)), atol=1e-5)
+  np.testing.assert_allclose(sds.ddim_step(abar, x_t, eps, t, jnp.int32(-1), clip_x0), x0, atol=1e-4)
+
+
+def test_ddim_step_clips_x0_and_rederives_eps(abar):
+  x0 = jnp.array([-3.0, -0.5, 0.25, 2.0]).reshape(1, 2, 2, 1)
+  eps = jax.random.normal(jax.random.PRNGKey(2), x0.shape)
+  t = jnp.int32(500)
+  x_t = sds.add_noise(abar, x0, eps, jnp.full((1,), t))
+  clipped = jnp.clip(x0, -1.0, 1.0)
+  # The last step returns the clipped x0; an intermediate step re-noises it with the
+  # eps consistent with x_t, so the step stays on the line through x_t and clipped x0.
+  np.testing.assert_allclose(sds.ddim_step(abar, x_t, eps, t, jnp.int32(-1), 1.0), clipped, atol=1e-5)
+  a, ap = float(abar[500]), float(abar[100])
+  eps_c = (x_t - np.sqrt(a) * clipped) / np.sqrt(1 - a)
+  np.testing.assert_allclose(sds.ddim_step(abar, x_t, eps, t, jnp.int32(100), 1.0),
+                             np.sqrt(ap) * clipped + np.sqrt(1 - ap) * eps_c, rtol=1e-5, atol=1e-5)
+  # Without clipping the out-of-range x0 comes back unchanged.
+  np.testing.assert_allclose(sds.ddim_step(abar, x_t, eps, t, jnp.int32(-1)), x0, atol=1e-4)
+
+
 def test_classifier_free_guidance_by_hand():
   u = np.array([[1.0, -2.0], [0.5, 0.0]], np.float32)
   c = np.array([[3.0, 2.0], [0.5, -1.0]], np.float32)

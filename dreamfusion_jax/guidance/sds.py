@@ -189,14 +189,20 @@ def sds_surrogate_loss(latents: Array, grad: Array) -> Array:
   return 0.5 * jnp.sum((latents - target) ** 2) / latents.shape[0]
 
 
-def ddim_step(alphas_cumprod: Array, x_t: Array, eps: Array, t: Array, t_prev: Array) -> Array:
+def ddim_step(alphas_cumprod: Array, x_t: Array, eps: Array, t: Array, t_prev: Array,
+              clip_x0: float | None = None) -> Array:
   """One deterministic DDIM step (Song et al. 2021, eq. 12 with eta = 0).
 
   x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t);
   x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev) eps, with abar_prev = 1 for t_prev < 0.
 
+  With `clip_x0 = c` the predicted x0 is clipped to [-c, c] and eps re-derived from
+  the clipped x0 (static thresholding, as in Imagen): pixel-space models whose data
+  lie in [-1, 1] otherwise drift to saturated, speckled samples under CFG.
+
   Args:
     alphas_cumprod: (T,). x_t, eps: (B, ...). t, t_prev: scalar int32 timesteps.
+    clip_x0: None (no clipping) or the bound c > 0.
 
   Returns:
     (B, ...) x at t_prev.
@@ -204,4 +210,7 @@ def ddim_step(alphas_cumprod: Array, x_t: Array, eps: Array, t: Array, t_prev: A
   abar_t = alphas_cumprod[t]
   abar_prev = jnp.where(t_prev >= 0, alphas_cumprod[jnp.maximum(t_prev, 0)], 1.0)
   x0 = (x_t - jnp.sqrt(1.0 - abar_t) * eps) / jnp.sqrt(abar_t)
+  if clip_x0 is not None:
+    x0 = jnp.clip(x0, -clip_x0, clip_x0)
+    eps = (x_t - jnp.sqrt(abar_t) * x0) / jnp.sqrt(1.0 - abar_t)
   return jnp.sqrt(abar_prev) * x0 + jnp.sqrt(1.0 - abar_prev) * eps

@@ -349,6 +349,9 @@ def ddim_sample(guidance: StableDiffusionGuidance, params: Params, cond_emb: Arr
                 key: Array, *, num_steps: int = 20, guidance_scale: float = 3.0) -> Array:
   """Samples images from the model with classifier-free-guided DDIM (eta = 0).
 
+  Pixel-space models clip each step's x0 prediction to the data range [-1, 1]; latent
+  models (whose latents are unbounded) do not.
+
   Args:
     cond_emb, uncond_emb: (B, L, D) text embeddings.
     key: PRNG key of the initial noise.
@@ -360,6 +363,7 @@ def ddim_sample(guidance: StableDiffusionGuidance, params: Params, cond_emb: Arr
   b = cond_emb.shape[0]
   size = guidance.latent_size
   x = jax.random.normal(key, (b, size, size, guidance.latent_channels), jnp.float32)
+  clip_x0 = 1.0 if guidance.vae is None else None
   timesteps = jnp.asarray(np.linspace(guidance.num_train_timesteps - 1, 0, num_steps).round(), jnp.int32)
   t_prev = jnp.concatenate([timesteps[1:], jnp.array([-1], jnp.int32)])
 
@@ -368,7 +372,7 @@ def ddim_sample(guidance: StableDiffusionGuidance, params: Params, cond_emb: Arr
     tt = jnp.full((2 * b,), t, jnp.int32)
     eps = predict_noise(guidance, params, jnp.concatenate([x, x]), tt, jnp.concatenate([uncond_emb, cond_emb]))
     eps = sds.classifier_free_guidance(eps[:b], eps[b:], guidance_scale)
-    return sds.ddim_step(params["alphas_cumprod"], x, eps, t, tp), None
+    return sds.ddim_step(params["alphas_cumprod"], x, eps, t, tp, clip_x0), None
 
   x, _ = jax.lax.scan(step, x, (timesteps, t_prev))
   return decode_latents(guidance, params["vae"], x)
