@@ -122,6 +122,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   t.eval_height = 128
   t.eval_width = 128
   t.render_video = False  # turntable video at the end of training
+  t.export_mesh = False  # marching-cubes mesh (GLB, vertex colours) at the end of training
+  t.mesh_resolution = 128  # density grid points per axis for that mesh
 
   c.distributed = False  # jax.distributed.initialize() first (multi-host TPU pods)
 

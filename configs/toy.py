@@ -76,10 +76,14 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   t.log_every = 20
   t.eval_every = t.ckpt_every = 100
   t.eval_height = t.eval_width = 64
+  t.render_video = True  # the README's first command leaves renders, a video and a mesh
+  t.export_mesh = True
+  t.mesh_resolution = 96
 
   if variant == "quick":
     t.steps = 150
     t.eval_every = t.ckpt_every = 150
+    t.render_video = t.export_mesh = False
   elif variant:
     raise ValueError(f"unknown variant {variant!r} of configs/toy.py; known: quick")
   return c

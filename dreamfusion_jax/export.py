@@ -506,6 +506,21 @@ def export_mesh(
   return mesh, save_mesh(mesh, path, format)
 
 
+def export_scene_mesh(config: ml_collections.ConfigDict, scene: scene_lib.Scene, params: dict, out: str, *,
+                      step: Optional[int] = None, resolution: int = 128) -> list[str]:
+  """The end-of-training mesh: a scene's field at the run's default threshold, with
+  vertex colours, written atomically to `out` (format from its extension).
+
+  Raises:
+    ValueError: nothing above the threshold (nothing is written).
+  """
+  threshold = default_threshold(bound=float(config.render.bound), num_samples=int(config.render.num_samples))
+  field_fn = scene_field_fn(scene, params, None if step is None else scene.level_mask(step))
+  _, paths = export_mesh(field_fn, out, resolution=resolution, bound=float(config.render.bound),
+                         threshold=threshold)
+  return paths
+
+
 def export_run_mesh(
     workdir: str,
     *,

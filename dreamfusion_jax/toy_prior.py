@@ -227,6 +227,73 @@ def make_train_step(guidance, tx, *, uncond_prob: float = 0.1, view_prob: float 
 
 
 
+def conditioning_gaps(guidance, params, images: np.ndarray, objects: np.ndarray, *,
+                      timesteps: tuple[int, ...] = (100, 300, 500, 700), num_noise: int = 2,
+                      seed: int = 0) -> dict:
+  """How much the prompt helps the prior denoise: the use it makes of the text.
+
+  Every image of toy object k is noised (the same noise for every prompt, so the
+  comparison is paired) and denoised with the right prompt, with the prompt of
+  another shape of the same colour, of another colour of the same shape, and with
+  "". A gap is a relative rise of the epsilon MSE over the right prompt's:
+  (mse_other - mse_right) / mse_uncond. A prior that ignores a word has a gap of
+  ~0 for it; SDS can only carve a shape out of a positive "shape" gap.
+
+  Args:
+    images: (N, S, S, 3) uint8 renders; objects: (N,) int32 index into
+      toy_world.all_prompts() (as from `render_dataset`).
+
+  Returns:
+    {"shape", "color", "text"}: gaps averaged over `timesteps`, and "by_t":
+    {t: {"shape", "color", "text"}}.
+  """
+  from dreamfusion_jax.guidance import sds
+
+  objs = toy_world.all_prompts()
+  n_shapes, n_colors = len(toy_world.SHAPES), len(toy_world.COLOR_NAMES)
+  index = {(s, c): k for k, (_, s, c) in enumerate(objs)}
+
+  def other(k, shape_step, color_step):
+    _, s, c = objs[k]
+    s2 = toy_world.SHAPES[(toy_world.SHAPES.index(s) + shape_step) % n_shapes]
+    c2 = toy_world.COLOR_NAMES[(toy_world.COLOR_NAMES.index(c) + color_step) % n_colors]
+    return objs[index[(s2, c2)]][0]
+
+  objects = np.asarray(objects)
+  texts = {"right": [objs[k][0] for k in objects], "shape": [other(k, 1, 0) for k in objects],
+           "color": [other(k, 0, 1) for k in objects], "uncond": [""] * len(objects)}
+  emb = {name: guidance.encode_prompts(params, t) for name, t in texts.items()}
+  abar = params["alphas_cumprod"]
+  x0 = jnp.asarray(images, jnp.float32) / 127.5 - 1.0
+
+  @jax.jit
+  def mse(t, noise, text):
+    tt = jnp.full((x0.shape[0],), t, jnp.int32)
+    eps = stable_diffusion.predict_noise(guidance, params, sds.add_noise(abar, x0, noise, tt), tt, text)
+    return jnp.mean((eps - noise) ** 2)
+
+  by_t = {}
+  for t in timesteps:
+    sums = {name: 0.0 for name in emb}
+    for r in range(num_noise):
+      noise = jax.random.normal(jax.random.PRNGKey(seed * 1000 + r), x0.shape)
+      for name, e in emb.items():
+        sums[name] += float(mse(t, noise, e)) / num_noise
+    u = sums["uncond"]
+    by_t[int(t)] = {"shape": (sums["shape"] - sums["right"]) / u, "color": (sums["color"] - sums["right"]) / u,
+                    "text": (u - sums["right"]) / u}
+  out = {k: float(np.mean([g[k] for g in by_t.values()])) for k in ("shape", "color", "text")}
+  out["by_t"] = by_t
+  return out
+
+
+def gap_subset(data: dict, per_object: int = 4) -> tuple[np.ndarray, np.ndarray]:
+  """The first `per_object` images of every object of a data set: (images, objects)."""
+  objects = np.asarray(data["object"])
+  idx = np.concatenate([np.flatnonzero(objects == k)[:per_object] for k in np.unique(objects)])
+  return np.asarray(data["images"])[idx], objects[idx]
+
+
 def load(path: str | os.PathLike = PRIOR_DIR, **settings):
   """The prior as a guidance: (StableDiffusionGuidance, params), pixel space."""
   return stable_diffusion.load_stable_diffusion(
@@ -313,13 +380,19 @@ def train_prior(workdir: str, *, steps: int, batch_size: int = 32, per_object: i
                                           jnp.asarray(data["bucket"]))
   key = jax.random.PRNGKey(seed)
 
+  gap_images, gap_objects = gap_subset(data)
+
   def export(state):
-    out = write_prior_dir(out_dir, jax.device_get(state.ema_params),
+    ema = jax.device_get(state.ema_params)
+    gaps = conditioning_gaps(guidance, {**gparams, **ema}, gap_images, gap_objects)
+    out = write_prior_dir(out_dir, ema,
                           {"step": int(state.step), "target_steps": steps, "batch_size": batch_size,
-                           "per_object": per_object, "lr": lr, "seed": seed})
+                           "per_object": per_object, "lr": lr, "seed": seed,
+                           "conditioning_gaps": {k: round(gaps[k], 5) for k in ("shape", "color", "text")}})
     sample_guidance, sample_params = load(out)
     save_sample_grid(sample_guidance, sample_params, str(work / f"samples_{int(state.step):06d}.png"))
-    print(f"exported the EMA weights at step {int(state.step)} to {out}", flush=True)
+    print(f"exported the EMA weights at step {int(state.step)} to {out}; conditioning gaps "
+          f"shape {gaps['shape']:.4f} colour {gaps['color']:.4f} text {gaps['text']:.4f}", flush=True)
 
   if export_only:
     export(state)

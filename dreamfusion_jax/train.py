@@ -289,6 +289,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   check(t.batch_size > 0, f"config.train.batch_size must be > 0, got {t.batch_size}")
   for name in ("log_every", "eval_every", "ckpt_every", "keep_checkpoints"):
     check(t[name] > 0, f"config.train.{name} must be > 0, got {t[name]}")
+  check(t.get("mesh_resolution", 128) >= 8,
+        f"config.train.mesh_resolution must be >= 8, got {t.get('mesh_resolution', 128)}")
   check(config.optim.lr > 0, f"config.optim.lr must be > 0, got {config.optim.lr}")
   for name in ("radius_range", "elevation_range_deg", "azimuth_range_deg", "fovy_range_deg",
                "light_distance_range"):
@@ -479,6 +481,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, load_
     paths = export.render_turntable(config, scene, final.params, os.path.join(workdir, "videos", f"step_{step:06d}"),
                                     step=step)
     print(f"turntable video: {paths['mp4']}")
+  if config.train.get("export_mesh", False) and is_writer and stop.signal is None:
+    from dreamfusion_jax import export
+
+    try:
+      mesh_paths = export.export_scene_mesh(config, scene, final.params,
+                                            os.path.join(workdir, "export", f"mesh_{step:06d}.glb"), step=step,
+                                            resolution=int(config.train.mesh_resolution))
+      print(f"mesh: {mesh_paths[0]}")
+    except ValueError as e:  # an empty field: training itself succeeded, so report and return
+      print(f"mesh not exported: {e}")
   return final
 
 

@@ -1,5 +1,7 @@
 """Mesh export of analytic fields (closed-form surfaces) and turntable videos of a run."""
 
+import copy
+import math
 import os
 import subprocess
 import sys
@@ -252,3 +254,20 @@ def test_render_turntable_rejects_bad_layers_before_rendering(run, tmp_path):
   with pytest.raises(ValueError, match="layers"):
     export.render_turntable(config, scene, params, str(tmp_path), num_frames=2, layers=("rgb", "albedo"))
   assert os.listdir(tmp_path) == []
+
+
+def test_end_of_training_mesh_uses_the_runs_threshold(run, tmp_path):
+  config, scene, params, _ = run
+  config = copy.deepcopy(config)
+  # The tiny config's blob peaks near density 5, under its threshold ln 2 * 16 / 2: empty.
+  with pytest.raises(ValueError, match="no density above the threshold"):
+    export.export_scene_mesh(config, scene, params, str(tmp_path / "empty.glb"), step=3, resolution=16)
+  assert not os.path.exists(tmp_path / "empty.glb")
+  config.render.num_samples = 4  # threshold ln 2 * 4 / 2 = 1.39: the blob's core is inside
+  out = str(tmp_path / "mesh.glb")
+  assert export.export_scene_mesh(config, scene, params, out, step=3, resolution=16) == [out]
+  expected = export.extract_mesh(export.scene_field_fn(scene, params, scene.level_mask(3)), resolution=16,
+                                 bound=BOUND, threshold=2 * math.log(2.0))
+  mesh = trimesh.load(out, force="mesh")
+  assert len(mesh.vertices) == len(expected.vertices) > 0
+  np.testing.assert_allclose(np.sort(mesh.vertices, axis=0), np.sort(expected.vertices, axis=0), atol=1e-5)

@@ -147,10 +147,12 @@ def test_validate_config_names_every_problem():
   config = dreamfusion.get_config("tiny")
   config.render.height = 0
   config.optim.lr = -1.0
+  config.train.mesh_resolution = 4
   with pytest.raises(train.ConfigError) as e:
     train.validate_config(config)
   assert "config.render.height must be > 0, got 0" in str(e.value)
   assert "config.optim.lr must be > 0, got -1.0" in str(e.value)
+  assert "config.train.mesh_resolution must be >= 8, got 4" in str(e.value)
   train.validate_config(dreamfusion.get_config("tiny"))
   train.validate_config(dreamfusion.get_config())
 
