@@ -7,15 +7,20 @@ prompt's colour.
 """
 
 import json
+import os
+import subprocess
+import sys
 
+import imageio.v3 as iio
 import jax
 import numpy as np
 import pytest
+import trimesh
 
 from configs import toy
 from dreamfusion_jax import toy_prior, toy_world, train
 
-
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _unfinished_prior_reason():
   """Why the outcome tests cannot judge the shipped weights yet, or None.
@@ -114,3 +119,31 @@ def test_a_wrong_prompt_scores_worse(text_to_3d):
   cube, sphere = text_to_3d["a red cube"], text_to_3d["a blue sphere"]
   assert cube["iou_by_shape"]["cube"] > cube["iou_by_shape"]["sphere"]
   assert sphere["iou_by_shape"]["sphere"] > sphere["iou_by_shape"]["cube"]
+
+
+@shipped
+@pytest.mark.slow
+def test_readme_command_leaves_renders_a_video_and_a_mesh(tmp_path):
+  # The README's first command (configs/toy.py), shortened by its "quick" variant, with
+  # the end-of-run video and mesh that the full config writes.
+  steps = toy.get_config("quick").train.steps
+  result = subprocess.run(
+      [sys.executable, "scripts/train.py", "--config=configs/toy.py:quick", "--config.prompt=a red cube",
+       "--config.train.render_video=True", "--config.train.export_mesh=True", "--config.train.mesh_resolution=64",
+       f"--workdir={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=1200)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  assert os.path.exists(tmp_path / "renders" / f"step_{steps:06d}.png")
+  videos = tmp_path / "videos" / f"step_{steps:06d}"
+  assert os.path.getsize(videos / "turntable.mp4") > 1000
+  frames = iio.imread(videos / "turntable.gif")
+  assert frames.shape[0] == 120 and frames.std() > 1.0  # a turn of non-blank frames
+  mesh_path = tmp_path / "export" / f"mesh_{steps:06d}.glb"
+  assert f"mesh: {mesh_path}" in result.stdout
+  mesh = trimesh.load(mesh_path, force="mesh")
+  assert len(mesh.faces) > 100
+  # The object the prior shaped sits at the centre, inside the bounding sphere.
+  lo, hi = mesh.bounds
+  bound = toy.get_config().render.bound
+  assert np.all(np.abs((lo + hi) / 2) < 0.2 * bound), mesh.bounds
+  assert np.linalg.norm(mesh.vertices, axis=-1).max() <= bound + 1e-3
+  assert np.all(hi - lo > 0.3 * bound), mesh.bounds
