@@ -10,7 +10,7 @@ from the same views, and the vocabulary colour nearest to the object's mean albe
 
 import json
 
-from absl import app, flags
+from absl import app, flags, logging
 
 _WORKDIR = flags.DEFINE_multi_string("workdir", None, "A toy run's --workdir (repeatable).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
@@ -20,10 +20,14 @@ flags.mark_flags_as_required(["workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
   from dreamfusion_jax import toy_world, train
 
   for workdir in _WORKDIR.value:
-    config, scene, params, step = train.restore_scene(workdir, _STEP.value)
+    try:
+      config, scene, params, step = train.restore_scene(workdir, _STEP.value)
+    except FileNotFoundError as e:
+      raise app.UsageError(str(e)) from e
     try:
       toy_world.parse_prompt(config.prompt)
     except ValueError as e:

@@ -130,7 +130,7 @@ def test_readme_command_leaves_renders_a_video_and_a_mesh(tmp_path):
   result = subprocess.run(
       [sys.executable, "scripts/train.py", "--config=configs/toy.py:quick", "--config.prompt=a red cube",
        "--config.train.render_video=True", "--config.train.export_mesh=True", "--config.train.mesh_resolution=64",
-       f"--workdir={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=1200)
+       f"--workdir={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=1200, check=False)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   assert os.path.exists(tmp_path / "renders" / f"step_{steps:06d}.png")
   videos = tmp_path / "videos" / f"step_{steps:06d}"
@@ -147,3 +147,11 @@ def test_readme_command_leaves_renders_a_video_and_a_mesh(tmp_path):
   assert np.all(np.abs((lo + hi) / 2) < 0.2 * bound), mesh.bounds
   assert np.linalg.norm(mesh.vertices, axis=-1).max() <= bound + 1e-3
   assert np.all(hi - lo > 0.3 * bound), mesh.bounds
+  # scripts/score_toy.py reports the run's IoU per shape and its colour.
+  scored = subprocess.run([sys.executable, "scripts/score_toy.py", f"--workdir={tmp_path}"], cwd=REPO,
+                          capture_output=True, text=True, timeout=600, check=False)
+  assert scored.returncode == 0, scored.stderr[-3000:]
+  _, scene, params, step = train.restore_scene(str(tmp_path))
+  score = toy_world.score_scene(scene, params, "a red cube", level_mask=scene.level_mask(step))
+  assert f"IoU(cube)={score['iou']:.3f}" in scored.stdout, scored.stdout
+  assert f"colour={score['color']} (prompt red)" in scored.stdout, scored.stdout
