@@ -507,18 +507,28 @@ def export_mesh(
 
 
 def export_scene_mesh(config: ml_collections.ConfigDict, scene: scene_lib.Scene, params: dict, out: str, *,
-                      step: Optional[int] = None, resolution: int = 128) -> list[str]:
-  """The end-of-training mesh: a scene's field at the run's default threshold, with
-  vertex colours, written atomically to `out` (format from its extension).
+                      step: Optional[int] = None, resolution: int = 128, threshold: Optional[float] = None,
+                      **kwargs) -> tuple[trimesh.Trimesh, list[str], float]:
+  """Exports a scene's mesh, written atomically to `out`.
+
+  Args:
+    step: the training step, for the scene's coarse-to-fine level mask; None: all levels.
+    threshold: isosurface density; default `default_threshold` of the config.
+    **kwargs: format, texture, texture_size, min_component_fraction, chunk_size, progress
+      (see `export_mesh`).
+
+  Returns:
+    (mesh, paths written, threshold used).
 
   Raises:
-    ValueError: nothing above the threshold (nothing is written).
+    ValueError: bad arguments, or nothing above the threshold (nothing is written).
   """
-  threshold = default_threshold(bound=float(config.render.bound), num_samples=int(config.render.num_samples))
+  bound = float(config.render.bound)
+  if threshold is None:
+    threshold = default_threshold(bound=bound, num_samples=int(config.render.num_samples))
   field_fn = scene_field_fn(scene, params, None if step is None else scene.level_mask(step))
-  _, paths = export_mesh(field_fn, out, resolution=resolution, bound=float(config.render.bound),
-                         threshold=threshold)
-  return paths
+  mesh, paths = export_mesh(field_fn, out, resolution=resolution, bound=bound, threshold=threshold, **kwargs)
+  return mesh, paths, threshold
 
 
 def export_run_mesh(
@@ -528,9 +538,6 @@ def export_run_mesh(
     out: Optional[str] = None,
     format: Optional[str] = None,  # pylint: disable=redefined-builtin
     resolution: int = 256,
-    threshold: Optional[float] = None,
-    texture: bool = False,
-    min_component_fraction: float = DEFAULT_MIN_COMPONENT_FRACTION,
     **kwargs,
 ) -> tuple[trimesh.Trimesh, list[str], float]:
   """Exports the mesh of a training run's checkpoint (the latest unless `step`).
@@ -538,27 +545,24 @@ def export_run_mesh(
   Args:
     out: output path; default `workdir/export/mesh_<step>.<format>`.
     format: "glb" (default), "obj" or "ply"; with `out`, taken from its extension.
-    threshold: isosurface density; default `default_threshold` of the run's config.
-    **kwargs: texture_size, chunk_size, progress (see `export_mesh`).
+    **kwargs: threshold, texture, texture_size, min_component_fraction, chunk_size,
+      progress (see `export_scene_mesh`).
 
   Returns:
     (mesh, paths written, threshold used).
   """
   from dreamfusion_jax import train  # train may import this module (end-of-run video)
 
+  # Validate before the (slow) restore.
   format = check_export_args(out if out is not None else f"mesh.{format or 'glb'}", format=format,
-                             texture=texture, resolution=resolution,
-                             min_component_fraction=min_component_fraction)
+                             texture=kwargs.get("texture", False), resolution=resolution,
+                             min_component_fraction=kwargs.get("min_component_fraction",
+                                                               DEFAULT_MIN_COMPONENT_FRACTION))
   config, scene, params, restored_step = train.restore_scene(workdir, step)
   if out is None:
     out = os.path.join(workdir, "export", f"mesh_{restored_step:06d}.{format}")
-  bound = float(config.render.bound)
-  if threshold is None:
-    threshold = default_threshold(bound=bound, num_samples=int(config.render.num_samples))
-  field_fn = scene_field_fn(scene, params, scene.level_mask(restored_step))
-  mesh, paths = export_mesh(field_fn, out, resolution=resolution, bound=bound, threshold=threshold, format=format,
-                            texture=texture, min_component_fraction=min_component_fraction, **kwargs)
-  return mesh, paths, threshold
+  return export_scene_mesh(config, scene, params, out, step=restored_step, resolution=resolution,
+                           format=format, **kwargs)
 
 
 # ---------------------------------------------------------------------------------

@@ -485,9 +485,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, load_
     from dreamfusion_jax import export
 
     try:
-      mesh_paths = export.export_scene_mesh(config, scene, final.params,
-                                            os.path.join(workdir, "export", f"mesh_{step:06d}.glb"), step=step,
-                                            resolution=int(config.train.mesh_resolution))
+      _, mesh_paths, _ = export.export_scene_mesh(config, scene, final.params,
+                                                  os.path.join(workdir, "export", f"mesh_{step:06d}.glb"),
+                                                  step=step, resolution=int(config.train.mesh_resolution))
       print(f"mesh: {mesh_paths[0]}")
     except ValueError as e:  # an empty field: training itself succeeded, so report and return
       print(f"mesh not exported: {e}")

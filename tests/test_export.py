@@ -265,7 +265,9 @@ def test_end_of_training_mesh_uses_the_runs_threshold(run, tmp_path):
   assert not os.path.exists(tmp_path / "empty.glb")
   config.render.num_samples = 4  # threshold ln 2 * 4 / 2 = 1.39: the blob's core is inside
   out = str(tmp_path / "mesh.glb")
-  assert export.export_scene_mesh(config, scene, params, out, step=3, resolution=16) == [out]
+  _, paths, threshold = export.export_scene_mesh(config, scene, params, out, step=3, resolution=16)
+  assert paths == [out]
+  assert threshold == pytest.approx(2 * math.log(2.0))
   expected = export.extract_mesh(export.scene_field_fn(scene, params, scene.level_mask(3)), resolution=16,
                                  bound=BOUND, threshold=2 * math.log(2.0))
   mesh = trimesh.load(out, force="mesh")
