@@ -1,8 +1,8 @@
 """Trains the embedded toy prior (resumable) and exports it into the package.
 
-  python scripts/train_prior.py --workdir=runs/prior --steps=4000
+  python scripts/train_prior.py --workdir=runs/prior --steps=3000
   # on a machine without that workdir, continue from the committed weights:
-  python scripts/train_prior.py --workdir=runs/prior --steps=4000 \
+  python scripts/train_prior.py --workdir=runs/prior --steps=3000 \
       --warm_start=dreamfusion_jax/assets/toy_prior
 
 Renders the training set with the project's renderer on the first run, checkpoints
@@ -14,7 +14,7 @@ samples in the workdir.
 from absl import app, flags, logging
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/prior", "Checkpoints, data set and sample grids.")
-_STEPS = flags.DEFINE_integer("steps", 4000, "Total training steps.")
+_STEPS = flags.DEFINE_integer("steps", 3000, "Total training steps (the shipped weights: 3000).")
 _BATCH = flags.DEFINE_integer("batch_size", 32, "Images per step.")
 _PER_OBJECT = flags.DEFINE_integer("per_object", 256, "Rendered views of each of the 16 objects.")
 _LR = flags.DEFINE_float("lr", 5e-4, "Adam learning rate.")
