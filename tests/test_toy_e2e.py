@@ -96,6 +96,7 @@ def text_to_3d(tmp_path_factory):
   for text in PROMPTS:
     config = toy.get_config()
     config.prompt = text
+    config.train.render_video = config.train.export_mesh = False  # the README-command test covers them
     workdir = str(tmp_path_factory.mktemp(text.replace(" ", "_")))
     train.train_and_evaluate(config, workdir)
     _, scene, params, step = train.restore_scene(workdir)
