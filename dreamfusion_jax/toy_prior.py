@@ -301,7 +301,7 @@ def load(path: str | os.PathLike = PRIOR_DIR, **settings):
 
 
 def sample_images(guidance, params, prompts: list[str], key: Array, *, num_steps: int = 20,
-                  guidance_scale: float = 3.0) -> np.ndarray:
+                  guidance_scale: float = 7.5) -> np.ndarray:
   """DDIM samples, one per prompt: (N, IMAGE_SIZE, IMAGE_SIZE, 3) in [0, 1]."""
   emb = guidance.encode_prompts(params, list(prompts) + [""])
   cond, uncond = emb[:-1], jnp.broadcast_to(emb[-1], emb[:-1].shape)

@@ -80,7 +80,9 @@ def test_shipped_prior_denoises_better_with_the_right_colour(prior, fresh_views)
 def test_samples_have_the_prompt_colour(prior, color):
   guidance, params = prior
   prompts = [toy_world.prompt(shape, color) for shape in toy_world.SHAPES]
-  samples = toy_prior.sample_images(guidance, params, prompts, jax.random.PRNGKey(0))
+  # Guidance 7.5 (Stable Diffusion's usual): 54 of 64 samples (4 seeds) take the prompt's
+  # colour at the step-3000 prior, against 35 of 64 at guidance 3.
+  samples = toy_prior.sample_images(guidance, params, prompts, jax.random.PRNGKey(0), guidance_scale=7.5)
   # The object sits in the middle of the frame; the background is a random colour.
   centre = samples[:, 12:20, 12:20].reshape(len(prompts), -1, 3)
   nearest = [toy_world.closest_color(np.median(c, axis=0)) for c in centre]
