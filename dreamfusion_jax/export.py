@@ -538,6 +538,8 @@ def export_run_mesh(
     out: Optional[str] = None,
     format: Optional[str] = None,  # pylint: disable=redefined-builtin
     resolution: int = 256,
+    texture: bool = False,
+    min_component_fraction: float = DEFAULT_MIN_COMPONENT_FRACTION,
     **kwargs,
 ) -> tuple[trimesh.Trimesh, list[str], float]:
   """Exports the mesh of a training run's checkpoint (the latest unless `step`).
@@ -545,8 +547,8 @@ def export_run_mesh(
   Args:
     out: output path; default `workdir/export/mesh_<step>.<format>`.
     format: "glb" (default), "obj" or "ply"; with `out`, taken from its extension.
-    **kwargs: threshold, texture, texture_size, min_component_fraction, chunk_size,
-      progress (see `export_scene_mesh`).
+    texture, min_component_fraction: see `export_mesh`.
+    **kwargs: threshold, texture_size, chunk_size, progress (see `export_scene_mesh`).
 
   Returns:
     (mesh, paths written, threshold used).
@@ -555,14 +557,14 @@ def export_run_mesh(
 
   # Validate before the (slow) restore.
   format = check_export_args(out if out is not None else f"mesh.{format or 'glb'}", format=format,
-                             texture=kwargs.get("texture", False), resolution=resolution,
-                             min_component_fraction=kwargs.get("min_component_fraction",
-                                                               DEFAULT_MIN_COMPONENT_FRACTION))
+                             texture=texture, resolution=resolution,
+                             min_component_fraction=min_component_fraction)
   config, scene, params, restored_step = train.restore_scene(workdir, step)
   if out is None:
     out = os.path.join(workdir, "export", f"mesh_{restored_step:06d}.{format}")
   return export_scene_mesh(config, scene, params, out, step=restored_step, resolution=resolution,
-                           format=format, **kwargs)
+                           format=format, texture=texture, min_component_fraction=min_component_fraction,
+                           **kwargs)
 
 
 # ---------------------------------------------------------------------------------

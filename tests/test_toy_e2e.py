@@ -22,6 +22,7 @@ from dreamfusion_jax import toy_prior, toy_world, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+
 def _unfinished_prior_reason():
   """Why the outcome tests cannot judge the shipped weights yet, or None.
 
