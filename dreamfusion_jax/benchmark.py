@@ -37,7 +37,8 @@ import ml_collections
 import numpy as np
 
 from dreamfusion_jax import scene as scene_lib
-from dreamfusion_jax import train
+from dreamfusion_jax import runs, train
+from dreamfusion_jax import state as state_lib
 from dreamfusion_jax.guidance import prompts as prompts_lib
 
 Array = jax.Array
@@ -199,7 +200,7 @@ class StepParts:
   scene: scene_lib.Scene
   tx: Any
   settings: train.StepSettings
-  state: train.TrainState
+  state: state_lib.TrainState
   base_key: Array
 
 
@@ -213,20 +214,11 @@ def build_step_parts(config: ml_collections.ConfigDict, *, guidance_and_params=N
       `config.guidance` with `guidance.from_config`.
     num_devices: devices sharing the global batch (StepSettings.num_devices).
   """
-  if guidance_and_params is None:
-    from dreamfusion_jax import guidance as guidance_lib  # pylint: disable=g-import-not-at-top
-
-    guidance_and_params = guidance_lib.from_config(config.guidance)
-  guidance, gparams = guidance_and_params
-  embeddings = prompts_lib.make_prompt_embeddings(guidance, gparams, config.prompt, config.guidance.negative_prompt,
-                                                  config.guidance.view_dependent)
-  scene = scene_lib.build_scene(config)
-  tx = train.make_optimizer(config.optim, config.train.steps)
+  run = runs.setup_run(config, guidance_and_params=guidance_and_params)
   settings = train.StepSettings.from_config(config, num_devices=num_devices)
-  init_key, base_key = jax.random.split(jax.random.PRNGKey(config.seed))
-  state = train.create_train_state(scene, tx, init_key)
-  return StepParts(config=config, guidance=guidance, guidance_params=gparams, embeddings=embeddings, scene=scene,
-                   tx=tx, settings=settings, state=state, base_key=base_key)
+  return StepParts(config=config, guidance=run.guidance, guidance_params=run.guidance_params,
+                   embeddings=run.embeddings, scene=run.scene, tx=run.tx, settings=settings, state=run.state,
+                   base_key=run.base_key)
 
 
 def train_step_fn(parts: StepParts, devices: Optional[Sequence[jax.Device]] = None) -> tuple[Callable, tuple]:
@@ -658,7 +650,7 @@ def render_flops(config: ml_collections.ConfigDict) -> Optional[float]:
   settings = train.StepSettings.from_config(config, num_devices=1)
   params = jax.eval_shape(scene.init, jax.random.PRNGKey(0))
   parts = StepParts(config=config, guidance=None, guidance_params=None, embeddings=None, scene=scene, tx=None,
-                    settings=settings, state=train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    settings=settings, state=state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                                                               opt_state=None, num_skipped=None),
                     base_key=jax.random.PRNGKey(0))
   fn, args = render_fwd_bwd_fn(parts)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-import tempfile
 from typing import Callable, Optional, Sequence
 
 import jax
@@ -31,7 +30,8 @@ import numpy as np
 import trimesh
 
 from dreamfusion_jax import cameras as cameras_lib
-from dreamfusion_jax import images, visualize
+from dreamfusion_jax import files
+from dreamfusion_jax import images, runs, visualize
 from dreamfusion_jax import scene as scene_lib
 
 Array = jax.Array
@@ -366,35 +366,6 @@ def bake_texture(mesh: trimesh.Trimesh, field_fn: FieldFn, *, texture_size: int 
 # Files.
 
 
-def _write_atomically(path: str, write: Callable[[str], None]) -> None:
-  """Calls write(tmp) on a temporary path beside `path` (same extension), then moves
-  it onto `path`; on any error the temporary file is removed and `path` untouched."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  suffix = os.path.splitext(path)[1]
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=directory)
-  os.close(fd)
-  try:
-    write(tmp)
-    # mkstemp creates the file private (0600); give it the usual permissions.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
-def _write_bytes(path: str, data: bytes) -> None:
-  def write(tmp):
-    with open(tmp, "wb") as f:
-      f.write(data)
-
-  _write_atomically(path, write)
-
-
 def save_mesh(mesh: trimesh.Trimesh, path: str, format: Optional[str] = None) -> list[str]:  # pylint: disable=redefined-builtin
   """Writes a mesh as GLB, OBJ (with MTL + PNG when textured) or PLY, atomically.
 
@@ -424,15 +395,15 @@ def save_mesh(mesh: trimesh.Trimesh, path: str, format: Optional[str] = None) ->
     written = []
     for name, data in side_files.items():
       side_path = os.path.join(os.path.dirname(os.path.abspath(path)), name)
-      _write_bytes(side_path, data)
+      files.write_bytes(side_path, data)
       written.append(side_path)
-    _write_bytes(path, text.encode("utf-8"))
+    files.write_bytes(path, text.encode("utf-8"))
     return written + [path]
   if format == "glb":
     data = trimesh.exchange.gltf.export_glb(trimesh.Scene(mesh), tree_postprocessor=_matte_default_material)
   else:
     data = mesh.export(file_type=format)
-  _write_bytes(path, data)
+  files.write_bytes(path, data)
   return [path]
 
 
@@ -553,13 +524,12 @@ def export_run_mesh(
   Returns:
     (mesh, paths written, threshold used).
   """
-  from dreamfusion_jax import train  # train may import this module (end-of-run video)
 
   # Validate before the (slow) restore.
   format = check_export_args(out if out is not None else f"mesh.{format or 'glb'}", format=format,
                              texture=texture, resolution=resolution,
                              min_component_fraction=min_component_fraction)
-  config, scene, params, restored_step = train.restore_scene(workdir, step)
+  config, scene, params, restored_step = runs.restore_scene(workdir, step)
   if out is None:
     out = os.path.join(workdir, "export", f"mesh_{restored_step:06d}.{format}")
   return export_scene_mesh(config, scene, params, out, step=restored_step, resolution=resolution,
@@ -615,14 +585,14 @@ def write_mp4(path: str, frames: np.ndarray, *, fps: int) -> None:
       for frame in _even(frames):
         writer.append_data(frame)
 
-  _write_atomically(path, write)
+  files.write_atomically(path, write)
 
 
 def write_gif(path: str, frames: np.ndarray, *, fps: int) -> None:
   """uint8 (N, H, W, 3) frames as a looping GIF, atomically."""
   import imageio.v3 as iio
 
-  _write_atomically(path, lambda tmp: iio.imwrite(tmp, frames, extension=".gif", duration=1000.0 / fps, loop=0))
+  files.write_atomically(path, lambda tmp: iio.imwrite(tmp, frames, extension=".gif", duration=1000.0 / fps, loop=0))
 
 
 def render_turntable(
@@ -709,9 +679,8 @@ def render_run_turntable(workdir: str, *, step: Optional[int] = None, out_dir: O
                          **kwargs) -> dict:
   """`render_turntable` of a run's checkpoint (the latest unless `step`); by default
   into `workdir/videos/step_<step>/`. Returns its paths plus "step"."""
-  from dreamfusion_jax import train  # train may import this module (end-of-run video)
 
-  config, scene, params, restored_step = train.restore_scene(workdir, step)
+  config, scene, params, restored_step = runs.restore_scene(workdir, step)
   if out_dir is None:
     out_dir = os.path.join(workdir, "videos", f"step_{restored_step:06d}")
   paths = render_turntable(config, scene, params, out_dir, step=restored_step, **kwargs)

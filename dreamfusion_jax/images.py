@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
-
 import numpy as np
 from PIL import Image
+
+from dreamfusion_jax import files
 
 
 def to_uint8(image) -> np.ndarray:
@@ -51,14 +50,4 @@ def depth_to_gray(depth, opacity) -> np.ndarray:
 def save_png(path: str, image) -> None:
   """Writes an image atomically: a crash mid-write never leaves a truncated file."""
   array = image if np.asarray(image).dtype == np.uint8 else to_uint8(image)
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(suffix=".png", dir=directory)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      Image.fromarray(np.asarray(array)).save(f, format="PNG")
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  files.write_atomically(path, lambda tmp: Image.fromarray(np.asarray(array)).save(tmp, format="PNG"))

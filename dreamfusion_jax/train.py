@@ -27,29 +27,13 @@ import numpy as np
 import optax
 
 from dreamfusion_jax import cameras as cameras_lib
-from dreamfusion_jax import losses, render
+from dreamfusion_jax import files, losses, render, runs
 from dreamfusion_jax.guidance import prompts as prompts_lib
 from dreamfusion_jax import scene as scene_lib
+from dreamfusion_jax.state import TrainState, create_train_state, make_optimizer  # noqa: F401 (the loop's state)
 
 Array = jax.Array
 AXIS = "batch"
-
-
-@flax.struct.dataclass
-class TrainState:
-  """Everything a resumed run needs; randomness is derived from `step`.
-
-  Attributes:
-    step: int32 scalar, number of steps taken (skipped ones included).
-    params: {"field": ..., "background": ...}.
-    opt_state: optax state.
-    num_skipped: int32 scalar, steps whose loss or gradient was not finite.
-  """
-
-  step: Array
-  params: Any
-  opt_state: Any
-  num_skipped: Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,38 +85,6 @@ class StepSettings:
         orientation=(lo.orientation_weight, lo.orientation_warmup_steps),
         opacity=(lo.opacity_weight, lo.opacity_warmup_steps), entropy=(lo.entropy_weight, lo.entropy_warmup_steps),
         t_min=g.t_min, t_max=g.t_max, t_max_end=g.t_max_end, t_anneal_steps=g.t_anneal_steps)
-
-
-def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
-  """Adam with eps 1e-15 (instant-ngp's choice for hash tables), per-group learning
-  rates for the field and the background, optional global-norm clipping and schedule."""
-
-  def schedule(lr):
-    if optim.schedule == "constant":
-      sched = optax.constant_schedule(lr)
-    elif optim.schedule == "cosine":
-      sched = optax.cosine_decay_schedule(lr, max(total_steps - optim.warmup_steps, 1))
-    else:
-      raise ValueError(f"config.optim.schedule must be constant or cosine; got {optim.schedule!r}")
-    if optim.warmup_steps > 0:
-      sched = optax.join_schedules([optax.linear_schedule(0.0, lr, optim.warmup_steps), sched],
-                                   [optim.warmup_steps])
-    return sched
-
-  def adam(lr):
-    return optax.adam(schedule(lr), b1=optim.b1, b2=optim.b2, eps=optim.eps)
-
-  tx = optax.multi_transform({"field": adam(optim.lr), "background": adam(optim.background_lr)},
-                             {"field": "field", "background": "background"})
-  if optim.grad_clip > 0:
-    tx = optax.chain(optax.clip_by_global_norm(optim.grad_clip), tx)
-  return tx
-
-
-def create_train_state(scene: scene_lib.Scene, tx: optax.GradientTransformation, key: Array) -> TrainState:
-  params = scene.init(key)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    num_skipped=jnp.zeros((), jnp.int32))
 
 
 def _device_slice(tree, offset: Array, size: int):
@@ -387,7 +339,7 @@ def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   os.replace(tmp, path)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, load_guidance=None) -> TrainState:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Runs (or resumes) a text-to-3D optimisation in `workdir`.
 
   Writes: config.json, checkpoints/<step>/, metrics.jsonl, tensorboard/, renders/*.png.
@@ -395,14 +347,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, load_
   Args:
     config: see configs/dreamfusion.py.
     workdir: output directory; an existing one with checkpoints is resumed.
-    load_guidance: override of `guidance.load_from_config` (tests).
 
   Returns:
     the final (unreplicated) TrainState.
   """
   from tqdm import tqdm  # progress bar only in the loop
 
-  from dreamfusion_jax import guidance as guidance_lib
   from dreamfusion_jax import images, visualize
   from dreamfusion_jax.checkpoints import Checkpointer
 
@@ -412,16 +362,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, load_
   if is_writer:
     _write_config(config, workdir)
 
-  # The prior first: a missing model must fail before anything compiles.
-  guidance, guidance_params = (load_guidance or guidance_lib.from_config)(config.guidance)
-  embeddings = prompts_lib.make_prompt_embeddings(guidance, guidance_params, config.prompt,
-                                                  config.guidance.negative_prompt, config.guidance.view_dependent)
-
-  scene = scene_lib.build_scene(config)
-  tx = make_optimizer(config.optim, config.train.steps)
+  run = runs.setup_run(config)  # the prior first: a missing model fails before anything compiles
+  scene, tx = run.scene, run.tx
   settings = StepSettings.from_config(config, num_devices=jax.device_count())
-  init_key, base_key = jax.random.split(jax.random.PRNGKey(config.seed))
-  state = create_train_state(scene, tx, init_key)
+  state = run.state
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.train.keep_checkpoints)
   if checkpointer.latest_step() is not None:
     state = checkpointer.restore(state)
@@ -429,10 +373,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, load_
 
   devices = jax.local_devices()
   p_state = replicate(state, devices)
-  p_guidance_params, p_embeddings, p_key = (replicate(guidance_params, devices), replicate(embeddings, devices),
-                                            replicate(base_key, devices))
-  del guidance_params
-  p_step = make_pmapped_step(scene, guidance, settings, tx)
+  p_guidance_params, p_embeddings, p_key = (replicate(run.guidance_params, devices),
+                                            replicate(run.embeddings, devices), replicate(run.base_key, devices))
+  p_step = make_pmapped_step(scene, run.guidance, settings, tx)
   eval_render = visualize.make_eval_renderer(scene, height=config.train.eval_height,
                                              width=config.train.eval_width, chunk_size=config.render.eval_chunk)
   eval_cams = visualize.eval_cameras(config)
@@ -492,36 +435,3 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, load_
     except ValueError as e:  # an empty field: training itself succeeded, so report and return
       print(f"mesh not exported: {e}")
   return final
-
-
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The resolved config a run wrote to `workdir/config.json`."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found: is {workdir!r} the --workdir of a training run?")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
-
-
-def restore_scene(workdir: str, step: Optional[int] = None) -> tuple[ml_collections.ConfigDict, scene_lib.Scene,
-                                                                     dict, int]:
-  """Scene and parameters of a run's checkpoint (the latest unless `step` is given).
-
-  Returns:
-    (config, scene, params, step).
-  """
-  from dreamfusion_jax.checkpoints import Checkpointer
-
-  config = load_config(workdir)
-  scene = scene_lib.build_scene(config)
-  tx = make_optimizer(config.optim, config.train.steps)
-  template = jax.eval_shape(lambda: create_train_state(scene, tx, jax.random.PRNGKey(0)))
-  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.train.keep_checkpoints)
-  steps = checkpointer.all_steps()
-  if not steps:
-    raise FileNotFoundError(f"no checkpoint under {checkpointer.directory}")
-  if step is not None and step not in steps:
-    raise ValueError(f"no checkpoint for step {step} in {checkpointer.directory}; available: {sorted(steps)}")
-  state = checkpointer.restore(template, step)
-  checkpointer.close()
-  return config, scene, state.params, int(state.step)

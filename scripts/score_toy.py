@@ -21,11 +21,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
-  from dreamfusion_jax import toy_world, train
+  from dreamfusion_jax import runs, toy_world
 
   for workdir in _WORKDIR.value:
     try:
-      config, scene, params, step = train.restore_scene(workdir, _STEP.value)
+      config, scene, params, step = runs.restore_scene(workdir, _STEP.value)
     except FileNotFoundError as e:
       raise app.UsageError(str(e)) from e
     try:

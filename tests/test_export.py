@@ -15,7 +15,7 @@ import pytest
 import trimesh
 
 from configs import dreamfusion
-from dreamfusion_jax import cameras, export, render, train
+from dreamfusion_jax import cameras, export, render, state as state_lib, train
 from dreamfusion_jax import scene as scene_lib
 from dreamfusion_jax.checkpoints import Checkpointer
 
@@ -173,8 +173,8 @@ def run(tmp_path_factory):
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2, sort_keys=True))
   scene = scene_lib.build_scene(config)
-  tx = train.make_optimizer(config.optim, config.train.steps)
-  state = train.create_train_state(scene, tx, jax.random.PRNGKey(3))
+  tx = state_lib.make_optimizer(config.optim, config.train.steps)
+  state = state_lib.create_train_state(scene, tx, jax.random.PRNGKey(3))
   state = state.replace(step=jnp.asarray(3, jnp.int32))
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=2)
   checkpointer.save(3, state)

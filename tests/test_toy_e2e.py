@@ -18,7 +18,7 @@ import pytest
 import trimesh
 
 from configs import toy
-from dreamfusion_jax import toy_prior, toy_world, train
+from dreamfusion_jax import runs, toy_prior, toy_world, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -102,7 +102,7 @@ def text_to_3d(tmp_path_factory):
     config.train.render_video = config.train.export_mesh = False  # the README-command test covers them
     workdir = str(tmp_path_factory.mktemp(text.replace(" ", "_")))
     train.train_and_evaluate(config, workdir)
-    _, scene, params, step = train.restore_scene(workdir)
+    _, scene, params, step = runs.restore_scene(workdir)
     scores[text] = toy_world.score_scene(scene, params, text, level_mask=scene.level_mask(step))
     print(text, scores[text])
   return scores
@@ -155,7 +155,7 @@ def test_readme_command_leaves_renders_a_video_and_a_mesh(tmp_path):
   scored = subprocess.run([sys.executable, "scripts/score_toy.py", f"--workdir={tmp_path}"], cwd=REPO,
                           capture_output=True, text=True, timeout=600, check=False)
   assert scored.returncode == 0, scored.stderr[-3000:]
-  _, scene, params, step = train.restore_scene(str(tmp_path))
+  _, scene, params, step = runs.restore_scene(str(tmp_path))
   score = toy_world.score_scene(scene, params, "a red cube", level_mask=scene.level_mask(step))
   assert f"IoU(cube)={score['iou']:.3f}" in scored.stdout, scored.stdout
   assert f"colour={score['color']} (prompt red)" in scored.stdout, scored.stdout

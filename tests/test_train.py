@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from configs import dreamfusion
-from dreamfusion_jax import checkpoints, scene as scene_lib, train
+from dreamfusion_jax import checkpoints, runs, scene as scene_lib, state as state_lib, train
 from dreamfusion_jax.guidance import prompts, tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,7 +43,7 @@ def run_train(workdir, model, *extra, wait=True):
 
 
 def final_params(workdir):
-  _, _, params, step = train.restore_scene(str(workdir))
+  _, _, params, step = runs.restore_scene(str(workdir))
   return params, step
 
 
@@ -75,7 +75,7 @@ def test_cli_runs_end_to_end(full_run):
   assert json.load(open(workdir / "config.json"))["prompt"] == "a red cube"
   assert any(f.startswith("events") for f in os.listdir(workdir / "tensorboard"))
   # The parameters moved away from their initialisation.
-  config, scene, params, step = train.restore_scene(str(workdir))
+  config, scene, params, step = runs.restore_scene(str(workdir))
   assert step == 12
   init = scene.init(jax.random.split(jax.random.PRNGKey(config.seed))[0])
   moved = [float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree_util.tree_leaves(params),
@@ -166,11 +166,11 @@ def step_parts(tiny_sd):
   guidance, gparams = guidance_lib.from_config(config.guidance)
   embeddings = prompts.make_prompt_embeddings(guidance, gparams, "a red cube")
   scene = scene_lib.build_scene(config)
-  tx = train.make_optimizer(config.optim, config.train.steps)
+  tx = state_lib.make_optimizer(config.optim, config.train.steps)
   settings = train.StepSettings.from_config(config, num_devices=1)
   step = jax.jit(lambda s, g, e, k: train.train_step(s, g, e, k, scene=scene, guidance=guidance,
                                                      settings=settings, tx=tx, axis_name=None))
-  state = train.create_train_state(scene, tx, jax.random.PRNGKey(0))
+  state = state_lib.create_train_state(scene, tx, jax.random.PRNGKey(0))
   return step, state, gparams, embeddings
 
 
@@ -210,8 +210,8 @@ DEVICE_CHECK = textwrap.dedent("""
     guidance, gparams = guidance_lib.from_config(config.guidance)
     embeddings = prompts.make_prompt_embeddings(guidance, gparams, "a blue sphere")
     scene = scene_lib.build_scene(config)
-    tx = train.make_optimizer(config.optim, 10)
-    state = train.create_train_state(scene, tx, jax.random.PRNGKey(0))
+    tx = state_lib.make_optimizer(config.optim, 10)
+    state = state_lib.create_train_state(scene, tx, jax.random.PRNGKey(0))
 
     def run(num_devices, batch_size, steps=2):
       config.train.batch_size = batch_size
