@@ -125,7 +125,15 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   t.export_mesh = False  # marching-cubes mesh (GLB, vertex colours) at the end of training
   t.mesh_resolution = 128  # density grid points per axis for that mesh
 
-  c.distributed = False  # jax.distributed.initialize() first (multi-host TPU pods)
+  # Multi-host: one process per host, all running the same command (docs/scale_out.md).
+  c.distributed = False  # join a multi-process job first (dreamfusion_jax.distributed)
+  cl = c.cluster = ml_collections.ConfigDict()
+  cl.coordinator_address = ""  # "host:port" of process 0; "" = JAX_COORDINATOR_ADDRESS or auto-detect
+  cl.num_processes = 0  # 0 = auto-detect
+  cl.process_id = -1  # -1 = auto-detect
+  cl.initialization_timeout_s = 300  # how long to wait for every process to join
+  cl.heartbeat_timeout_s = 100  # JAX's: a peer silent this long is dead and the job aborts
+  cl.peer_timeout_s = 30  # ours: a peer silent this long ends every process with one line
 
   if variant == "small":
     t.steps = 2000

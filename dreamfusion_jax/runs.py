@@ -16,6 +16,7 @@ from typing import Any, Optional
 import jax
 import ml_collections
 
+from dreamfusion_jax import errors, files
 from dreamfusion_jax import scene as scene_lib
 from dreamfusion_jax import state as state_lib
 from dreamfusion_jax.guidance import prompts as prompts_lib
@@ -103,3 +104,113 @@ def restore_scene(workdir: str, step: Optional[int] = None) -> tuple[ml_collecti
   state = checkpointer.restore(template, step)
   checkpointer.close()
   return config, scene, state.params, int(state.step)
+
+
+def check_workdir(workdir: str) -> None:
+  """Rejects a --workdir that cannot be one, before anything is loaded or written."""
+  if not workdir:
+    raise errors.InputError("--workdir is empty: name a directory for the run's outputs")
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise errors.InputError(f"--workdir={workdir} is a file, not a directory")
+  if os.path.isdir(workdir) and not os.access(workdir, os.W_OK | os.X_OK):
+    raise errors.InputError(f"--workdir={workdir} is not writable")
+
+
+def make_workdir(workdir: str) -> None:
+  """Creates the workdir (the first write a run makes), as a one-line InputError."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    if not os.access(workdir, os.W_OK | os.X_OK):
+      raise PermissionError(13, "not writable")
+  except OSError as e:
+    raise errors.InputError(f"cannot create --workdir={workdir}: {e.strerror or e}") from None
+
+
+def _flat_config(config: ml_collections.ConfigDict | dict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for key, value in dict(config).items():
+    if isinstance(value, (dict, ml_collections.ConfigDict)):
+      out.update(_flat_config(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+  return out
+
+
+# Fields that say where and how a run is launched, not what it computes: they may
+# differ between the processes of one job and between a run and its restart.
+LAUNCH_FIELDS = ("distributed", "cluster.")
+
+
+def config_differences(old: ml_collections.ConfigDict, new: ml_collections.ConfigDict) -> list[str]:
+  """Fields whose values differ, as "field.num_levels: 8 -> 4", launch fields aside."""
+  a = _flat_config(json.loads(old.to_json_best_effort()))
+  b = _flat_config(json.loads(new.to_json_best_effort()))
+  return [f"{k}: {a.get(k, '(absent)')} -> {b.get(k, '(absent)')}" for k in sorted(set(a) | set(b))
+          if a.get(k) != b.get(k) and not k.startswith(LAUNCH_FIELDS)]
+
+
+def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Writes the run's resolved config; a changed one on resume keeps the old as
+  config.previous.json (call only once the resume is known to work)."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  text = config.to_json_best_effort(indent=2, sort_keys=True)
+  if os.path.exists(path):
+    with open(path) as f:
+      old = f.read()
+    if config_differences(ml_collections.ConfigDict(json.loads(old)), config):
+      print(f"note: {path} differs from this run's config; resuming with the new one "
+            f"(the old one is kept as config.previous.json)")
+      files.write_text(os.path.join(workdir, "config.previous.json"), old)
+  files.write_text(path, text)
+
+
+def resume_state(config: ml_collections.ConfigDict, workdir: str, initial: state_lib.TrainState
+                 ) -> state_lib.TrainState:
+  """The state to continue from: the latest checkpoint in `workdir`, or `initial`.
+
+  Reads only. A checkpoint whose arrays have other shapes than this config's (a
+  resumed run with e.g. another field.num_levels), or one that cannot be read, stops
+  the run with one line naming it (and the config fields that differ, or the newest
+  checkpoint that restores); nothing is deleted or rewritten.
+  """
+  from dreamfusion_jax import checkpoints
+
+  directory = os.path.join(workdir, CHECKPOINT_DIR)
+  if not os.path.isdir(directory):
+    return initial
+  checkpointer = checkpoints.Checkpointer(directory, max_to_keep=config.train.keep_checkpoints, create=False)
+  try:
+    steps = checkpointer.all_steps()
+    if not steps:
+      return initial
+    latest = steps[-1]
+    mismatches = checkpointer.shape_mismatches(initial, latest)
+    if mismatches:
+      try:
+        changed = config_differences(load_config(workdir), config)
+      except (OSError, ValueError):
+        changed = [f"(no readable {CONFIG_FILE})"]
+      raise checkpoints.CheckpointError(
+          f"{workdir} holds a run whose parameters have other shapes than this config's "
+          f"({len(mismatches)} arrays, e.g. {mismatches[0]}); fields that differ from its {CONFIG_FILE}: "
+          f"{'; '.join(changed) or '(none)'}. Resume with the run's config, or use a new --workdir")
+    try:
+      state = checkpointer.restore(initial, latest)
+    except Exception as e:  # pylint: disable=broad-except  (orbax/TensorStore: any read failure)
+      older = [s for s in steps if s < latest]
+      good = None
+      for step in reversed(older):
+        try:
+          checkpointer.restore(initial, step)
+          good = step
+          break
+        except Exception:  # pylint: disable=broad-except
+          continue
+      reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+      hint = (f"the newest checkpoint that restores is step {good}: move {directory}/{latest} elsewhere to resume "
+              f"from it" if good is not None else "no older checkpoint restores: use a new --workdir")
+      raise checkpoints.CheckpointError(f"checkpoint {directory}/{latest} is damaged ({reason}); {hint}") from None
+  finally:
+    checkpointer.close()
+  print(f"resumed from {directory}/{int(state.step)}")
+  return state

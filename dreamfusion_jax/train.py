@@ -27,7 +27,7 @@ import numpy as np
 import optax
 
 from dreamfusion_jax import cameras as cameras_lib
-from dreamfusion_jax import files, losses, render, runs
+from dreamfusion_jax import distributed, errors, files, losses, render, runs
 from dreamfusion_jax.guidance import prompts as prompts_lib
 from dreamfusion_jax import scene as scene_lib
 from dreamfusion_jax.state import TrainState, create_train_state, make_optimizer  # noqa: F401 (the loop's state)
@@ -211,7 +211,7 @@ def make_pmapped_step(scene, guidance, settings, tx, devices=None) -> Callable:
   return jax.pmap(step_fn, axis_name=AXIS, donate_argnums=(0,), devices=devices)
 
 
-class ConfigError(ValueError):
+class ConfigError(errors.InputError):
   """A config value that cannot work; the message names the field and what is allowed."""
 
 
@@ -230,9 +230,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   check(r.num_importance_samples >= 0, f"config.render.num_importance_samples must be >= 0, got {r.num_importance_samples}")
   check(r.normal_mode in ("analytic", "finite_difference"),
         f"config.render.normal_mode must be analytic or finite_difference, got {r.normal_mode!r}")
-  check(len(r.shading_probs) == 3 and min(r.shading_probs) >= 0 and sum(r.shading_probs) > 0,
-        f"config.render.shading_probs must be 3 non-negative odds (albedo, lambertian, textureless) "
-        f"with a positive sum, got {tuple(r.shading_probs)}")
+  check(len(r.shading_probs) == 3 and min(r.shading_probs) >= 0 and abs(sum(r.shading_probs) - 1.0) < 1e-6,
+        f"config.render.shading_probs must be 3 probabilities (albedo, lambertian, textureless) in [0, 1] "
+        f"summing to 1, got {tuple(r.shading_probs)}")
+  check(g.dtype in ("float32", "bfloat16"), f"config.guidance.dtype must be float32 or bfloat16, got {g.dtype!r}")
   check(0.0 <= g.t_min < g.t_max <= 1.0, f"config.guidance t range must satisfy 0 <= t_min < t_max <= 1, "
         f"got t_min={g.t_min}, t_max={g.t_max}")
   check(g.t_min < g.t_max_end <= 1.0, f"config.guidance.t_max_end must be in (t_min, 1], got {g.t_max_end}")
@@ -241,8 +242,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   check(t.batch_size > 0, f"config.train.batch_size must be > 0, got {t.batch_size}")
   for name in ("log_every", "eval_every", "ckpt_every", "keep_checkpoints"):
     check(t[name] > 0, f"config.train.{name} must be > 0, got {t[name]}")
-  check(t.get("mesh_resolution", 128) >= 8,
-        f"config.train.mesh_resolution must be >= 8, got {t.get('mesh_resolution', 128)}")
+  check(t.mesh_resolution >= 8, f"config.train.mesh_resolution must be >= 8, got {t.mesh_resolution}")
+  cl = config.cluster
+  check(cl.num_processes >= 0, f"config.cluster.num_processes must be >= 0 (0: auto), got {cl.num_processes}")
+  check(cl.process_id >= -1, f"config.cluster.process_id must be >= 0, or -1 for auto, got {cl.process_id}")
   check(config.optim.lr > 0, f"config.optim.lr must be > 0, got {config.optim.lr}")
   for name in ("radius_range", "elevation_range_deg", "azimuth_range_deg", "fovy_range_deg",
                "light_distance_range"):
@@ -299,6 +302,11 @@ class MetricWriter:
     self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
     self._jsonl.flush()
 
+  def write_image(self, step: int, name: str, image: np.ndarray) -> None:
+    """An (H, W, 3) uint8 or [0, 1] float image to TensorBoard's image tab."""
+    if self.enabled:
+      self._tb.add_image(name, np.asarray(image), step, dataformats="HWC")
+
   def close(self) -> None:
     if self.enabled:
       self._tb.close()
@@ -321,22 +329,27 @@ def replicate(tree, devices):
 
 
 def _unreplicate(tree):
-  return jax.tree_util.tree_map(lambda x: x[0], tree)
+  """This process's copy of a replicated pmap output, as host numpy: a local read.
+  (`x[0]` would be a computation over every process's devices, which hangs if another
+  process is no longer stepping.)"""
+  return jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_data(0))[0], tree)
 
 
-def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  path = os.path.join(workdir, "config.json")
-  text = config.to_json_best_effort(indent=2, sort_keys=True)
-  if os.path.exists(path):
-    with open(path) as f:
-      if f.read() != text:
-        print(f"note: {path} differs from this run's config; resuming with the new one "
-              f"(the old one is kept as config.previous.json)")
-        os.replace(path, os.path.join(workdir, "config.previous.json"))
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
+def _any_process(flag: bool) -> bool:
+  """True on every process when `flag` is True on any (a signal may reach one host only)."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils
+
+  return bool(np.any(multihost_utils.process_allgather(np.asarray([flag]))))
+
+
+def _sync_processes(name: str) -> None:
+  """Waits until every process of a multi-process job reaches this point."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
@@ -356,20 +369,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   from dreamfusion_jax import images, visualize
   from dreamfusion_jax.checkpoints import Checkpointer
 
+  # Everything that can reject the command runs before the workdir is touched.
   validate_config(config)
-  is_writer = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
-  if is_writer:
-    _write_config(config, workdir)
-
+  runs.check_workdir(workdir)
   run = runs.setup_run(config)  # the prior first: a missing model fails before anything compiles
   scene, tx = run.scene, run.tx
   settings = StepSettings.from_config(config, num_devices=jax.device_count())
-  state = run.state
-  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.train.keep_checkpoints)
-  if checkpointer.latest_step() is not None:
-    state = checkpointer.restore(state)
-    print(f"resumed from {checkpointer.directory}/{int(state.step)}")
+  state = runs.resume_state(config, workdir, run.state)
+  is_writer = jax.process_index() == 0  # only process 0 writes logs, images, config, meshes
+  runs.make_workdir(workdir)
+  if is_writer:
+    runs.write_config(config, workdir)
+  _sync_processes("workdir ready")
+  checkpointer = Checkpointer(os.path.join(workdir, runs.CHECKPOINT_DIR), max_to_keep=config.train.keep_checkpoints)
 
   devices = jax.local_devices()
   p_state = replicate(state, devices)
@@ -387,44 +399,58 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       return
     params = state_now.params
     renders = jax.device_get(eval_render(params, eval_cams, level_mask=scene.level_mask(step)))
-    images.save_png(os.path.join(workdir, "renders", f"step_{step:06d}.png"), visualize.validation_grid(renders))
+    grid = visualize.validation_grid(renders)
+    images.save_png(os.path.join(workdir, "renders", f"step_{step:06d}.png"), grid)
+    writer.write_image(step, "renders", grid)
 
   start = int(state.step)
   last_log_time, last_log_step = time.perf_counter(), start
   step = start
-  with StopRequest() as stop, tqdm(total=t.steps, initial=start, disable=not is_writer, unit="step",
-                                    dynamic_ncols=True) as bar:
-    while step < t.steps:
-      p_state, p_metrics = p_step(p_state, p_guidance_params, p_embeddings, p_key)
-      step += 1
-      bar.update(1)
-      if step % t.log_every == 0 or step == t.steps:
-        metrics = {k: float(v) for k, v in _unreplicate(jax.device_get(p_metrics)).items()}
-        now = time.perf_counter()
-        metrics["step_time_s"] = (now - last_log_time) / (step - last_log_step)
-        last_log_time, last_log_step = now, step
-        metrics["num_skipped"] = float(p_state.num_skipped[0])
-        writer.write(step, metrics)
-        bar.set_postfix(loss=f"{metrics['loss']:.4g}", skipped=int(metrics["num_skipped"]))
-      if step % t.ckpt_every == 0 or step == t.steps or stop.signal is not None:
-        checkpointer.save(step, _unreplicate(p_state))
-      if step % t.eval_every == 0 or step == t.steps:
-        save_renders(step, _unreplicate(p_state))
-      if stop.signal is not None:
-        checkpointer.wait()
-        print(f"\nstopped by signal {stop.signal} at step {step}; checkpoint saved, rerun to resume")
-        break
+  try:
+    with StopRequest() as stop, tqdm(total=t.steps, initial=start, disable=not is_writer, unit="step",
+                                      dynamic_ncols=True) as bar:
+      while step < t.steps:
+        p_state, p_metrics = p_step(p_state, p_guidance_params, p_embeddings, p_key)
+        step += 1
+        bar.update(1)
+        if step % t.log_every == 0 or step == t.steps:
+          metrics = {k: float(v) for k, v in _unreplicate(p_metrics).items()}
+          now = time.perf_counter()
+          metrics["step_time_s"] = (now - last_log_time) / (step - last_log_step)
+          last_log_time, last_log_step = now, step
+          metrics["num_skipped"] = float(_unreplicate(p_state.num_skipped))
+          writer.write(step, metrics)
+          bar.set_postfix(loss=f"{metrics['loss']:.4g}", skipped=int(metrics["num_skipped"]))
+        stopping = _any_process(stop.signal is not None)  # every process saves the same steps
+        if step % t.ckpt_every == 0 or step == t.steps or stopping:
+          checkpointer.save(step, _unreplicate(p_state))
+        if step % t.eval_every == 0 or step == t.steps:
+          save_renders(step, _unreplicate(p_state))
+        if stopping:
+          checkpointer.wait()
+          print(f"\nstopped by signal {stop.signal or '(on another process)'} at step {step}; checkpoint saved, "
+                "rerun to resume")
+          break
+  except jax.errors.JaxRuntimeError as e:
+    if jax.process_count() == 1:
+      raise
+    # A collective failed: another process of the job died or lost contact. Every
+    # process must restart together; waiting on would only hang at the next barrier.
+    raise distributed.PeerLostError(
+        f"lost contact with another process of the job at step {step} ({distributed.first_line(e)}); the newest "
+        f"checkpoint is step {checkpointer.latest_step()}") from None
   checkpointer.wait()
   checkpointer.close()
   writer.close()
-  final = jax.device_get(_unreplicate(p_state))
-  if config.train.render_video and is_writer and stop.signal is None:
+  final = _unreplicate(p_state)
+  finished = step >= t.steps
+  if config.train.render_video and is_writer and finished:
     from dreamfusion_jax import export
 
     paths = export.render_turntable(config, scene, final.params, os.path.join(workdir, "videos", f"step_{step:06d}"),
                                     step=step)
     print(f"turntable video: {paths['mp4']}")
-  if config.train.get("export_mesh", False) and is_writer and stop.signal is None:
+  if config.train.export_mesh and is_writer and finished:
     from dreamfusion_jax import export
 
     try:

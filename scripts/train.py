@@ -8,10 +8,13 @@ values of the wrong type are rejected. Rerunning with the same --workdir resumes
 its latest checkpoint.
 """
 
+import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from dreamfusion_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:variant]).",
                                           lock_config=True)
@@ -23,19 +26,25 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # orbax and JAX log every save and backend probe at INFO
-  import jax  # after flag parsing: multi-host initialisation must precede any device use
-
   config = _CONFIG.value
-  if config.distributed:
-    jax.distributed.initialize()
-  from dreamfusion_jax import guidance, train
+  from dreamfusion_jax import distributed, errors, guidance, train
+
+  def lost(message):  # from the watchdog's thread while the main one waits in a collective
+    print(f"\nerror: {message}; restart every process with the same command to resume from the newest "
+          f"checkpoint", file=sys.stderr, flush=True)
+    os._exit(1)  # skip jax.distributed's shutdown barrier: it would wait for the lost process
 
   try:
-    train.train_and_evaluate(config, _WORKDIR.value)
-  except (train.ConfigError, guidance.ModelNotFoundError) as e:
+    if config.distributed:
+      distributed.initialize(config.cluster)
+    with distributed.PeerWatchdog(lost, timeout_s=config.cluster.peer_timeout_s):
+      train.train_and_evaluate(config, _WORKDIR.value)
+  except (errors.InputError, guidance.ModelNotFoundError) as e:
     # Errors about the user's input: the message says what to change; a traceback would not help.
     sys.exit(f"error: {e}")
+  except distributed.PeerLostError as e:
+    lost(str(e))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -201,7 +201,7 @@ DEVICE_CHECK = textwrap.dedent("""
     import sys
     import jax, numpy as np
     from configs import dreamfusion
-    from dreamfusion_jax import guidance as guidance_lib, scene as scene_lib, train
+    from dreamfusion_jax import guidance as guidance_lib, scene as scene_lib, state as state_lib, train
     from dreamfusion_jax.guidance import prompts
 
     assert jax.local_device_count() == 4, jax.devices()

@@ -1,0 +1,36 @@
+"""Command-line boundary shared by the scripts: flag errors as one line.
+
+absl prints a flag it cannot parse as two lines, and an override of a config field that
+does not exist (`--config.no_such_key=1`) as a 20-line traceback out of ml_collections.
+`parse_flags` turns both into one line naming the flag, exit status 2 (a usage error).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Sequence
+
+from absl import flags
+
+
+def _bad_override(argv: Sequence[str], name: str) -> str:
+  """The --config.* argument whose path mentions `name`, else a generic label."""
+  for arg in argv[1:]:
+    if arg.startswith("--config.") and name in arg.split("=", 1)[0].split("."):
+      return arg
+  return f"--config.{name}"
+
+
+def parse_flags(argv: Sequence[str]) -> list[str]:
+  """`app.run(main, flags_parser=cli.parse_flags)`: absl's parsing, one-line errors."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.stderr.write(f"error: {e}\n")
+  except (AttributeError, KeyError) as e:  # ml_collections: the override names no field
+    name = str(e).strip("\"' ")
+    sys.stderr.write(f"error: {_bad_override(argv, name)}: the config has no field {name!r} "
+                     f"(see the config file for the fields there are)\n")
+  except (TypeError, ValueError) as e:  # ml_collections: a value of the wrong type
+    sys.stderr.write(f"error: {str(e).strip().splitlines()[0]}\n")
+  sys.exit(2)
