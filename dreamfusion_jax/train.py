@@ -419,10 +419,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   writer.close()
   final = jax.device_get(_unreplicate(p_state))
   if config.train.render_video and is_writer and stop.signal is None:
-    from dreamfusion_jax import export
+    from dreamfusion_jax import video
 
-    paths = export.render_turntable(config, scene, final.params, os.path.join(workdir, "videos", f"step_{step:06d}"),
-                                    step=step)
+    paths = video.render_turntable(config, scene, final.params, os.path.join(workdir, "videos", f"step_{step:06d}"),
+                                   step=step)
     print(f"turntable video: {paths['mp4']}")
   if config.train.get("export_mesh", False) and is_writer and stop.signal is None:
     from dreamfusion_jax import export
@@ -430,7 +430,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     try:
       _, mesh_paths, _ = export.export_scene_mesh(config, scene, final.params,
                                                   os.path.join(workdir, "export", f"mesh_{step:06d}.glb"),
-                                                  step=step, resolution=int(config.train.mesh_resolution))
+                                                  step=step, resolution=int(config.train.mesh_resolution),
+                                                  target_faces=int(config.train.mesh_target_faces))
       print(f"mesh: {mesh_paths[0]}")
     except ValueError as e:  # an empty field: training itself succeeded, so report and return
       print(f"mesh not exported: {e}")
