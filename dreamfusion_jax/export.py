@@ -371,10 +371,11 @@ def _matte_default_material(tree: dict) -> None:
 def mesh_format(path: str, format: Optional[str] = None) -> str:  # pylint: disable=redefined-builtin
   """The mesh format to write: `format` if given (and consistent with the extension)."""
   ext = os.path.splitext(path)[1].lower().lstrip(".")
-  if format is None:
-    format = ext
-  if format not in MESH_FORMATS:
-    raise ExportError(f"mesh format must be one of {', '.join(MESH_FORMATS)}, got {format!r} (from {path!r})")
+  if format not in (None,) + MESH_FORMATS:
+    raise ExportError(f"mesh format must be one of {', '.join(MESH_FORMATS)}, got {format!r}")
+  if format is None and ext not in MESH_FORMATS:
+    raise ExportError(f"mesh format must be one of {', '.join(MESH_FORMATS)}, got {ext!r} (the extension of {path!r})")
+  format = format or ext
   if ext and ext != format:
     raise ExportError(f"output path {path!r} does not end in .{format}")
   return format

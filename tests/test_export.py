@@ -1,10 +1,12 @@
 """Mesh export of analytic fields (closed-form surfaces) and turntable videos of a run."""
 
 import copy
+import json
 import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import imageio.v2 as imageio_v2
 import imageio.v3 as iio
@@ -175,9 +177,12 @@ def test_default_threshold_makes_one_render_step_half_opaque():
   assert float(opacity) == pytest.approx(0.5, abs=1e-6)
 
 
-@pytest.mark.parametrize("path, fmt, texture, match", [("m.ply", None, True, "PLY has no textures"),
-                                                      ("m.glb", "obj", False, "does not end in .obj"),
-                                                      ("m.stl", None, False, "one of glb, obj, ply, got 'stl'")])
+@pytest.mark.parametrize("path, fmt, texture, match", [
+    ("m.ply", None, True, "PLY has no textures"),
+    ("m.glb", "obj", False, "does not end in .obj"),
+    ("m.stl", None, False, "one of glb, obj, ply, got 'stl' .the extension"),
+    ("m.stl", "stl", False, "one of glb, obj, ply, got 'stl'$"),
+])
 def test_bad_export_arguments_fail_before_any_work(path, fmt, texture, match):
   with pytest.raises(export.ExportError, match=match):
     export.check_export_args(path, format=fmt, texture=texture)
@@ -315,6 +320,72 @@ def test_export_cli_writes_the_runs_mesh(run, tmp_path):
                                  threshold=threshold)
   assert len(mesh.vertices) == len(expected.vertices) > 0
   np.testing.assert_allclose(np.sort(mesh.vertices, axis=0), np.sort(expected.vertices, axis=0), atol=1e-5)
+
+
+def _tree(directory):
+  """Every path under `directory` with its size and modification time."""
+  return sorted((os.path.relpath(os.path.join(root, name), directory), os.stat(os.path.join(root, name)).st_size,
+                 os.stat(os.path.join(root, name)).st_mtime_ns)
+                for root, dirs, names in os.walk(directory) for name in dirs + names)
+
+
+# Runs scripts/export.py's main() on several command lines in one process (one JAX
+# start-up instead of one per case): flags are re-parsed for each, and the message that
+# sys.exit would print (its code) is returned.
+_CLI_DRIVER = """
+import json, runpy, sys
+from absl import flags
+script = runpy.run_path("scripts/export.py")
+results = []
+for argv in json.loads(sys.argv[1]):
+  flags.FLAGS.unparse_flags()
+  flags.FLAGS(["export.py"] + argv)
+  try:
+    script["main"](["export.py"])
+    results.append(None)
+  except SystemExit as e:
+    results.append(e.code)
+print(json.dumps(results))
+"""
+
+
+def test_export_cli_bad_inputs_give_one_line_and_change_nothing(run, tmp_path):
+  workdir = run[3]
+  empty, config_only = tmp_path / "empty", tmp_path / "config_only"
+  empty.mkdir()
+  config_only.mkdir()
+  (config_only / "config.json").write_bytes((Path(workdir) / "config.json").read_bytes())
+  missing = tmp_path / "missing"
+  cases = [  # (arguments, what the one line must say)
+      ([f"--workdir={missing}"], f"--workdir '{missing}' does not exist"),
+      ([f"--workdir={empty}"], f"--workdir '{empty}' has no config.json"),
+      ([f"--workdir={config_only}"], f"--workdir '{config_only}' has no checkpoint in"),
+      ([f"--workdir={workdir}", "--step=99"], "no checkpoint for --step=99 in"),
+      ([f"--workdir={workdir}", "--format=stl"], "mesh format must be one of glb, obj, ply, got 'stl'"),
+      ([f"--workdir={workdir}", "--out=/proc/forbidden/mesh.glb"], "cannot write '/proc/forbidden/mesh.glb'"),
+      ([f"--workdir={workdir}", f"--out={workdir}/config.json/mesh.glb"], "config.json' is a file, not a directory"),
+      ([f"--workdir={workdir}", "--target_faces=-5"], "target_faces must be >= 0"),
+  ]
+  before = _tree(workdir)
+  result = subprocess.run([sys.executable, "-c", _CLI_DRIVER, json.dumps([args for args, _ in cases])], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-3000:]
+  messages = json.loads(result.stdout.strip().splitlines()[-1])
+  for (args, expected), message in zip(cases, messages):
+    assert isinstance(message, str), (args, message)  # sys.exit(str): exit status 1
+    assert message.startswith("error: ") and expected in message and "\n" not in message, (args, message)
+  assert _tree(workdir) == before
+  assert not missing.exists() and os.listdir(empty) == [] and os.listdir(config_only) == ["config.json"]
+
+
+def test_export_cli_on_an_empty_workdir_prints_one_line(tmp_path):
+  """The real process, as the issue saw it: exit status 1 and one line on stderr."""
+  result = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "export.py"), f"--workdir={tmp_path}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 1
+  assert result.stderr.strip() == (f"error: --workdir '{tmp_path}' has no config.json: is it the --workdir of a "
+                                   "training run?")
+  assert result.stdout == "" and os.listdir(tmp_path) == []
 
 
 def test_run_export_with_too_high_threshold_names_it(run):
