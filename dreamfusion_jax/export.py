@@ -43,8 +43,8 @@ FieldFn = Callable[[Array], tuple[Array, Array]]
 MESH_FORMATS = ("glb", "obj", "ply")
 # Formats that carry a UV texture; a texture is baked for these unless asked not to.
 TEXTURE_FORMATS = ("glb", "obj")
-# The files' up axis: glTF 2.0 is +Y up (and OBJ by the common convention of Blender,
-# three.js and threestudio's exports); PLY has no convention and keeps our world's +z.
+# The files' up axis: glTF 2.0 is +Y up (and OBJ by the common convention of Blender
+# and three.js); PLY has no convention and keeps our world's +z.
 UP_AXIS = {"glb": "+Y", "obj": "+Y", "ply": "+Z"}
 # Our world (cameras.py): right-handed, +z up, the object's front facing +x (a camera at
 # azimuth 0 sits on +x). glTF: right-handed, +Y up, the front facing +Z. So world x -> Z,
@@ -381,9 +381,16 @@ def mesh_format(path: str, format: Optional[str] = None) -> str:  # pylint: disa
   return format
 
 
-def check_export_args(path: str, *, format: Optional[str] = None, texture: Optional[bool] = None,  # pylint: disable=redefined-builtin
-                      resolution: int = 256, min_component_fraction: float = DEFAULT_MIN_COMPONENT_FRACTION,
-                      target_faces: int = 0, texture_size: int = DEFAULT_TEXTURE_SIZE) -> tuple[str, bool]:
+def check_export_args(
+    path: str,
+    *,
+    format: Optional[str] = None,  # pylint: disable=redefined-builtin
+    texture: Optional[bool] = None,
+    resolution: int = 256,
+    min_component_fraction: float = DEFAULT_MIN_COMPONENT_FRACTION,
+    target_faces: int = 0,
+    texture_size: int = DEFAULT_TEXTURE_SIZE,
+) -> tuple[str, bool]:
   """Validates export settings before anything is computed.
 
   Args:
