@@ -12,7 +12,7 @@ ln 2 * num_samples / (2 * bound) (22.2 for the default config); see docs/export.
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from dreamfusion_jax import export
 
@@ -38,6 +38,7 @@ flags.mark_flags_as_required(["workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)  # orbax logs every step of a restore at INFO
   try:
     mesh, paths, threshold = export.export_run_mesh(
         _WORKDIR.value, step=_STEP.value, out=_OUT.value, format=_FORMAT.value, resolution=_RESOLUTION.value,

@@ -9,7 +9,7 @@ out_dir defaults to <workdir>/videos/step_<step>/. Camera defaults come from the
 config.cameras.eval_* and the frame size from config.train.eval_height/width.
 """
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from dreamfusion_jax import video
 
@@ -32,6 +32,7 @@ flags.mark_flags_as_required(["workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)  # orbax logs every step of a restore at INFO
   paths = video.render_run_turntable(
       _WORKDIR.value, step=_STEP.value, out_dir=_OUT_DIR.value, num_frames=_FRAMES.value,
       elevation_deg=_ELEVATION.value, radius=_RADIUS.value, fovy_deg=_FOVY.value, height=_HEIGHT.value,
