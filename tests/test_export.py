@@ -358,6 +358,7 @@ def test_export_cli_bad_inputs_give_one_line_and_change_nothing(run, tmp_path):
   missing = tmp_path / "missing"
   cases = [  # (arguments, what the one line must say)
       ([f"--workdir={missing}"], f"--workdir '{missing}' does not exist"),
+      ([f"--workdir={workdir}/config.json"], f"--workdir '{workdir}/config.json' is not a directory"),
       ([f"--workdir={empty}"], f"--workdir '{empty}' has no config.json"),
       ([f"--workdir={config_only}"], f"--workdir '{config_only}' has no checkpoint in"),
       ([f"--workdir={workdir}", "--step=99"], "no checkpoint for --step=99 in"),
