@@ -30,6 +30,7 @@ setuptools.setup(
         "imageio>=2.30",
         "imageio-ffmpeg>=0.4.9",
         "xatlas>=0.0.11",  # UV atlases for textured mesh export
+        "fast-simplification>=0.2",  # mesh decimation (trimesh's simplify_quadric_decimation)
     ],
     extras_require={
         # CPU torch for the PyTorch-parity tests and the benchmark reference; 2.13.0 is

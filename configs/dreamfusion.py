@@ -122,8 +122,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   t.eval_height = 128
   t.eval_width = 128
   t.render_video = False  # turntable video at the end of training
-  t.export_mesh = False  # marching-cubes mesh (GLB, vertex colours) at the end of training
+  t.export_mesh = False  # marching-cubes mesh (GLB, +Y up, UV texture) at the end of training
   t.mesh_resolution = 128  # density grid points per axis for that mesh
+  t.mesh_target_faces = 0  # decimate that mesh to at most this many faces; 0 keeps every face
 
   # Multi-host: one process per host, all running the same command (docs/scale_out.md).
   c.distributed = False  # join a multi-process job first (dreamfusion_jax.distributed)

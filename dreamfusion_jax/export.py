@@ -1,19 +1,22 @@
-"""Export of an optimised scene: isosurface meshes and turntable videos.
+"""Mesh export of an optimised scene: isosurface, cleaning, decimation, colour, files.
 
-Mesh: the density is sampled on a regular grid over the cube [-bound, bound]^3 (zero
-outside the bounding sphere, as in rendering), PyMCubes extracts the isosurface at a
-density threshold, trimesh drops floaters and writes GLB / OBJ / PLY, coloured by the
-field's albedo at the vertices or, with a texture, at the texels of an xatlas UV atlas.
-Video: orbit cameras around the object rendered in fixed-size batches by one jitted
-function, written as MP4 and GIF (and PNG frames on request).
+The density is sampled on a regular grid over the cube [-bound, bound]^3 (zero outside
+the bounding sphere, as in rendering), PyMCubes extracts the isosurface at a density
+threshold, trimesh drops floaters, fast-simplification (through trimesh) decimates to a
+target face count, and the mesh is coloured by the field's albedo at its vertices or,
+with a texture, at the texels of an xatlas UV atlas (`texture.py`). Files are GLB, OBJ
+or PLY; GLB and OBJ are turned from our +z-up world into their +Y-up convention on the
+way out (`WORLD_TO_Y_UP`), PLY keeps world coordinates. Turntable videos live in
+`video.py`.
 
 The mesh functions take a plain `field_fn(positions (..., 3)) -> (density (...,),
 albedo (..., 3))`, the signature `render.py` uses, so tests export analytic fields
 through the same code. A field given as a `jax.tree_util.Partial` (see
 `scene_field_fn`) passes its arrays to the compiled evaluator as arguments rather than
 baking them into it as constants, which matters for a hash table of many megabytes.
-Every file is written to a temporary name in its directory and moved into place with
-`os.replace`, so a failed export never replaces a good file.
+Every file is written atomically (`files.py`), so a failed export never replaces a good
+file. (A little over 500 lines: the run-level entry points and their input checks sit
+beside the pipeline they guard.)
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from __future__ import annotations
 import functools
 import math
 import os
-from typing import Callable, Optional, Sequence
+import tempfile
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -29,21 +33,37 @@ import ml_collections
 import numpy as np
 import trimesh
 
-from dreamfusion_jax import cameras as cameras_lib
-from dreamfusion_jax import files
-from dreamfusion_jax import images, runs, visualize
+from dreamfusion_jax import files, images, runs
 from dreamfusion_jax import scene as scene_lib
+from dreamfusion_jax import texture as texture_lib
 
 Array = jax.Array
 FieldFn = Callable[[Array], tuple[Array, Array]]
 
 MESH_FORMATS = ("glb", "obj", "ply")
-VIDEO_LAYERS = ("rgb", "normals", "depth", "opacity")
+# Formats that carry a UV texture; a texture is baked for these unless asked not to.
+TEXTURE_FORMATS = ("glb", "obj")
+# The files' up axis: glTF 2.0 is +Y up (and OBJ by the common convention of Blender
+# and three.js); PLY has no convention and keeps our world's +z.
+UP_AXIS = {"glb": "+Y", "obj": "+Y", "ply": "+Z"}
+# Our world (cameras.py): right-handed, +z up, the object's front facing +x (a camera at
+# azimuth 0 sits on +x). glTF: right-handed, +Y up, the front facing +Z. So world x -> Z,
+# z -> Y, and y -> X (X = Y x Z = z x x = y): the cyclic permutation (x, y, z) ->
+# (y, z, x), a rotation (determinant +1), so faces keep their outward winding, and the
+# view from azimuth 0 is a glTF viewer's default front view (camera on +Z, right = +X =
+# our +y, as for our azimuth-0 camera).
+WORLD_TO_Y_UP = np.array([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
 # Connected components with fewer faces than this fraction of the largest one are
 # dropped as floaters. The fog blobs SDS leaves around an object are a few voxels
 # across (well under 1% of the object's faces at resolution 256), while a legitimate
 # detached part (a handle, a second object in the prompt) is rarely below 5%.
 DEFAULT_MIN_COMPONENT_FRACTION = 0.05
+DEFAULT_TEXTURE_SIZE = 1024
+
+
+class ExportError(ValueError):
+  """A bad export input (path, workdir, format, setting) or an empty field; the message
+  names the bad value and says what would be right."""
 
 
 # ---------------------------------------------------------------------------------
@@ -96,7 +116,7 @@ def density_grid(field_fn: FieldFn, *, resolution: int, bound: float, chunk_size
     (R, R, R) float32, entry [i, j, k] at (x_i, y_j, z_k) of `grid_positions`.
   """
   if resolution < 2:
-    raise ValueError(f"resolution must be >= 2, got {resolution}")
+    raise ExportError(f"resolution must be >= 2, got {resolution}")
   fn = _as_partial(field_fn)
   total = resolution**3
   chunk_size = min(chunk_size, total)
@@ -169,7 +189,7 @@ def marching_cubes(grid: np.ndarray, *, bound: float, threshold: float) -> trime
 
   max_density = float(np.max(grid)) if grid.size else 0.0
   if not max_density > threshold:
-    raise ValueError(f"no density above the threshold {threshold:g} (the maximum density found is "
+    raise ExportError(f"no density above the threshold {threshold:g} (the maximum density found is "
                      f"{max_density:g}): pass a lower --threshold, e.g. {max_density / 2:.3g}, or check "
                      f"that the run trained past the empty start")
   resolution = grid.shape[0]
@@ -189,7 +209,7 @@ def remove_floaters(mesh: trimesh.Trimesh, min_component_fraction: float) -> tri
     min_component_fraction: in [0, 1]; 0 keeps every component.
   """
   if not 0.0 <= min_component_fraction <= 1.0:
-    raise ValueError(f"min_component_fraction must be in [0, 1], got {min_component_fraction}")
+    raise ExportError(f"min_component_fraction must be in [0, 1], got {min_component_fraction}")
   if min_component_fraction == 0.0 or len(mesh.faces) == 0:
     return mesh
   components = mesh.split(only_watertight=False)
@@ -198,6 +218,24 @@ def remove_floaters(mesh: trimesh.Trimesh, min_component_fraction: float) -> tri
   largest = max(len(c.faces) for c in components)
   kept = [c for c in components if len(c.faces) >= min_component_fraction * largest]
   return trimesh.util.concatenate(kept)
+
+
+def decimate(mesh: trimesh.Trimesh, target_faces: int) -> trimesh.Trimesh:
+  """Quadric edge-collapse decimation to at most `target_faces` faces.
+
+  trimesh's `simplify_quadric_decimation`, which runs the `fast-simplification`
+  package (Garland-Heckbert quadric error metrics, Sp4cerat's Fast-Quadric-Mesh-
+  Simplification). The result has geometry only: colour it afterwards.
+
+  Args:
+    target_faces: the face budget; 0 (or a budget the mesh already meets) returns the
+      mesh unchanged.
+  """
+  if target_faces < 0:
+    raise ExportError(f"target_faces must be >= 0 (0 keeps every face), got {target_faces}")
+  if target_faces == 0 or len(mesh.faces) <= target_faces:
+    return mesh
+  return mesh.simplify_quadric_decimation(face_count=int(target_faces))
 
 
 def colour_vertices(mesh: trimesh.Trimesh, field_fn: FieldFn, *, chunk_size: int = 65536) -> trimesh.Trimesh:
@@ -220,154 +258,58 @@ def extract_mesh(
     bound: float,
     threshold: float,
     min_component_fraction: float = DEFAULT_MIN_COMPONENT_FRACTION,
+    target_faces: int = 0,
     colour: bool = True,
     chunk_size: int = 262144,
     progress: bool = False,
 ) -> trimesh.Trimesh:
-  """Density grid -> marching cubes -> floaters removed -> vertex colours.
+  """Density grid -> marching cubes -> floaters removed -> decimated -> vertex colours.
 
   Args:
     field_fn: positions (..., 3) -> (density (...,), albedo (..., 3)).
     resolution: grid samples per axis. bound: half-size of the sampled cube.
     threshold: isosurface density (see `default_threshold`).
     min_component_fraction: see `remove_floaters`.
+    target_faces: see `decimate` (0: no decimation).
     colour: add vertex colours from the albedo.
 
   Returns:
-    the mesh in world units.
+    the mesh in world units (+z up).
 
   Raises:
-    ValueError: no density above the threshold.
+    ExportError: no density above the threshold.
   """
   grid = density_grid(field_fn, resolution=resolution, bound=bound, chunk_size=chunk_size, progress=progress)
   mesh = remove_floaters(marching_cubes(grid, bound=bound, threshold=threshold), min_component_fraction)
+  mesh = decimate(mesh, target_faces)
   return colour_vertices(mesh, field_fn) if colour else mesh
 
 
-# ---------------------------------------------------------------------------------
-# UV texture baking.
-
-
-def uv_atlas(mesh: trimesh.Trimesh, *, texture_size: int, padding: int = 2) -> tuple[np.ndarray, np.ndarray,
-                                                                                    np.ndarray]:
-  """xatlas UV parametrisation of a mesh (vertices are split along chart seams).
-
-  Returns:
-    vertex_map (V',) index of each new vertex in `mesh.vertices`, faces (F, 3) into
-    the new vertices, uv (V', 2) in [0, 1] (OBJ convention: v = 0 at the image bottom).
-  """
-  import xatlas
-
-  atlas = xatlas.Atlas()
-  atlas.add_mesh(np.asarray(mesh.vertices, np.float32), np.asarray(mesh.faces, np.uint32))
-  pack = xatlas.PackOptions()
-  pack.resolution = texture_size
-  pack.padding = padding
-  pack.bilinear = True
-  atlas.generate(pack_options=pack)
-  vertex_map, faces, uv = atlas[0]
-  return vertex_map.astype(np.int64), faces.astype(np.int64), uv.astype(np.float32)
-
-
-def rasterize_uv(uv: np.ndarray, faces: np.ndarray, texture_size: int) -> tuple[np.ndarray, np.ndarray,
-                                                                             np.ndarray]:
-  """Which triangle covers each texel centre of a UV atlas, and where.
-
-  Texel (r, c) has its centre at u = (c + 0.5) / T, v = 1 - (r + 0.5) / T (the
-  convention of OpenGL samplers with OBJ's upward v). Each triangle's texel bounding
-  box is enumerated at once for all triangles (no loop over faces).
-
-  Args:
-    uv: (V, 2). faces: (F, 3). texture_size: T.
-
-  Returns:
-    texel_rc (K, 2) int rows and columns of covered texels, face (K,) the covering
-    triangle, bary (K, 3) barycentric coordinates in that triangle.
-  """
-  t = texture_size
-  pixel = np.stack([uv[:, 0] * t - 0.5, (1.0 - uv[:, 1]) * t - 0.5], axis=-1).astype(np.float64)
-  tri = pixel[faces]  # (F, 3, 2) in texel-centre units (x = column, y = row)
-  lo = np.clip(np.ceil(tri.min(axis=1) - 1e-6), 0, t - 1).astype(np.int64)
-  hi = np.clip(np.floor(tri.max(axis=1) + 1e-6), 0, t - 1).astype(np.int64)
-  size = np.maximum(hi - lo + 1, 0)
-  counts = size[:, 0] * size[:, 1]
-  face = np.repeat(np.arange(len(faces)), counts)
-  offset = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
-  width = size[face, 0]
-  col = lo[face, 0] + offset % width
-  row = lo[face, 1] + offset // width
-  a, b, c = tri[face, 0], tri[face, 1], tri[face, 2]
-  p = np.stack([col, row], axis=-1).astype(np.float64)
-
-  def cross(u, v):
-    return u[:, 0] * v[:, 1] - u[:, 1] * v[:, 0]
-
-  area = cross(b - a, c - a)
-  safe = np.where(np.abs(area) > 1e-12, area, 1.0)
-  w_a = cross(b - p, c - p) / safe
-  w_b = cross(c - p, a - p) / safe
-  w_c = 1.0 - w_a - w_b
-  bary = np.stack([w_a, w_b, w_c], axis=-1)
-  inside = (np.abs(area) > 1e-12) & np.all(bary >= -1e-6, axis=-1)
-  return np.stack([row, col], axis=-1)[inside], face[inside], bary[inside].astype(np.float32)
-
-
-def _dilate(texture: np.ndarray, filled: np.ndarray, iterations: int) -> np.ndarray:
-  """Grows filled texels into empty neighbours (mean of the filled 4-neighbours), so
-  bilinear lookups and mip-maps near chart borders do not pick up the empty colour."""
-  texture, filled = texture.copy(), filled.copy()
-  for _ in range(iterations):
-    acc = np.zeros_like(texture)
-    num = np.zeros(filled.shape, np.float32)
-    for axis, shift in ((0, 1), (0, -1), (1, 1), (1, -1)):
-      acc += np.roll(texture * filled[..., None], shift, axis=axis)
-      num += np.roll(filled.astype(np.float32), shift, axis=axis)
-    grow = ~filled & (num > 0)
-    texture[grow] = acc[grow] / num[grow, None]
-    filled = filled | grow
-  return texture
-
-
-def bake_texture(mesh: trimesh.Trimesh, field_fn: FieldFn, *, texture_size: int = 1024,
+def bake_texture(mesh: trimesh.Trimesh, field_fn: FieldFn, *, texture_size: int = DEFAULT_TEXTURE_SIZE,
                  chunk_size: int = 65536) -> trimesh.Trimesh:
-  """A UV-textured copy of `mesh` whose texture holds the albedo at each texel's surface point.
-
-  Args:
-    mesh: the geometry (vertex colours, if any, are dropped).
-    field_fn: positions -> (density, albedo).
-    texture_size: T, the texture is T x T.
-
-  Returns:
-    a mesh with `TextureVisuals` (uv per vertex and a PIL image).
-  """
-  from PIL import Image
-
-  vertex_map, faces, uv = uv_atlas(mesh, texture_size=texture_size)
-  vertices = np.asarray(mesh.vertices)[vertex_map]
-  texel_rc, face, bary = rasterize_uv(uv, faces, texture_size)
-  # A texel's surface point: the same barycentric combination of the 3D corners.
-  points = np.einsum("kj,kjd->kd", bary, vertices[faces[face]])
-  _, albedo = evaluate_field(field_fn, points, chunk_size=chunk_size)
-  texture = np.zeros((texture_size, texture_size, 3), np.float32)
-  filled = np.zeros((texture_size, texture_size), bool)
-  texture[texel_rc[:, 0], texel_rc[:, 1]] = albedo
-  filled[texel_rc[:, 0], texel_rc[:, 1]] = True
-  texture = _dilate(texture, filled, iterations=4)
-  # A matte, white-factored material: the texture is the albedo. (glTF's default
-  # material is fully metallic, which viewers show dark.)
-  material = trimesh.visual.material.PBRMaterial(
-      name="albedo", baseColorTexture=Image.fromarray(images.to_uint8(texture)),
-      baseColorFactor=[255, 255, 255, 255], metallicFactor=0.0, roughnessFactor=1.0)
-  visual = trimesh.visual.TextureVisuals(uv=uv, material=material)
-  return trimesh.Trimesh(vertices=vertices, faces=faces, visual=visual, process=False)
+  """A UV-textured copy of `mesh` holding the field's albedo (see `texture.bake_texture`)."""
+  return texture_lib.bake_texture(mesh, lambda points: evaluate_field(field_fn, points, chunk_size=chunk_size)[1],
+                                  texture_size=texture_size)
 
 
 # ---------------------------------------------------------------------------------
 # Files.
 
 
+def to_y_up(mesh: trimesh.Trimesh) -> trimesh.Trimesh:
+  """A copy of a world-frame (+z up, front +x) mesh in the +Y-up, front +Z frame of glTF
+  and OBJ: positions p -> WORLD_TO_Y_UP p, a rotation, so winding and handedness stay."""
+  transform = np.eye(4)
+  transform[:3, :3] = WORLD_TO_Y_UP
+  converted = mesh.copy()
+  converted.apply_transform(transform)
+  return converted
+
+
 def save_mesh(mesh: trimesh.Trimesh, path: str, format: Optional[str] = None) -> list[str]:  # pylint: disable=redefined-builtin
-  """Writes a mesh as GLB, OBJ (with MTL + PNG when textured) or PLY, atomically.
+  """Writes a world-frame mesh as GLB, OBJ (with MTL + PNG when textured) or PLY, atomically.
+
+  GLB and OBJ are written +Y up (`to_y_up`), PLY in world coordinates (`UP_AXIS`).
 
   Args:
     format: "glb", "obj" or "ply"; default from the file extension.
@@ -378,7 +320,9 @@ def save_mesh(mesh: trimesh.Trimesh, path: str, format: Optional[str] = None) ->
   format = mesh_format(path, format)
   textured = isinstance(mesh.visual, trimesh.visual.TextureVisuals)
   if format == "ply" and textured:
-    raise ValueError("PLY has no textures: use --format=obj or glb with --texture, or drop --texture")
+    raise ExportError("PLY has no textures: use --format=obj or glb for a texture, or --notexture")
+  if UP_AXIS[format] == "+Y":
+    mesh = to_y_up(mesh)
   if format == "obj":
     stem = os.path.splitext(os.path.basename(path))[0]
     if textured:
@@ -386,7 +330,6 @@ def save_mesh(mesh: trimesh.Trimesh, path: str, format: Optional[str] = None) ->
       # directory do not overwrite each other's texture; Kd = Ka = 1 so that viewers
       # that multiply map_Kd by Kd show the albedo itself.
       image = getattr(mesh.visual.material, "baseColorTexture", None) or mesh.visual.material.image
-      mesh = mesh.copy()
       mesh.visual.material = trimesh.visual.material.SimpleMaterial(
           image=image, name=stem, diffuse=[255, 255, 255, 255], ambient=[255, 255, 255, 255],
           specular=[0, 0, 0, 255])
@@ -420,29 +363,100 @@ def _matte_default_material(tree: dict) -> None:
     primitive["material"] = len(materials) - 1
 
 
+# ---------------------------------------------------------------------------------
+# Checks at the boundary: every bad input fails here, before any work and before
+# anything is written.
+
+
 def mesh_format(path: str, format: Optional[str] = None) -> str:  # pylint: disable=redefined-builtin
   """The mesh format to write: `format` if given (and consistent with the extension)."""
   ext = os.path.splitext(path)[1].lower().lstrip(".")
-  if format is None:
-    format = ext
-  if format not in MESH_FORMATS:
-    raise ValueError(f"mesh format must be one of {MESH_FORMATS}, got {format!r} (from {path!r})")
+  if format not in (None,) + MESH_FORMATS:
+    raise ExportError(f"mesh format must be one of {', '.join(MESH_FORMATS)}, got {format!r}")
+  if format is None and ext not in MESH_FORMATS:
+    raise ExportError(f"mesh format must be one of {', '.join(MESH_FORMATS)}, got {ext!r} (the extension of {path!r})")
+  format = format or ext
   if ext and ext != format:
-    raise ValueError(f"output path {path!r} does not end in .{format}")
+    raise ExportError(f"output path {path!r} does not end in .{format}")
   return format
 
 
-def check_export_args(path: str, *, format: Optional[str] = None, texture: bool = False,  # pylint: disable=redefined-builtin
-                      resolution: int = 256, min_component_fraction: float = DEFAULT_MIN_COMPONENT_FRACTION) -> str:
-  """Validates export settings before anything is computed; returns the format."""
+def check_export_args(
+    path: str,
+    *,
+    format: Optional[str] = None,  # pylint: disable=redefined-builtin
+    texture: Optional[bool] = None,
+    resolution: int = 256,
+    min_component_fraction: float = DEFAULT_MIN_COMPONENT_FRACTION,
+    target_faces: int = 0,
+    texture_size: int = DEFAULT_TEXTURE_SIZE,
+) -> tuple[str, bool]:
+  """Validates export settings before anything is computed.
+
+  Args:
+    texture: bake a UV texture; None: yes for the formats that carry one
+      (`TEXTURE_FORMATS`), vertex colours otherwise.
+
+  Returns:
+    (format, texture).
+  """
   format = mesh_format(path, format)
-  if texture and format == "ply":
-    raise ValueError("PLY has no textures: use --format=obj or glb with --texture, or drop --texture")
+  if texture is None:
+    texture = format in TEXTURE_FORMATS
+  if texture and format not in TEXTURE_FORMATS:
+    raise ExportError(f"{format.upper()} has no textures: use --format=obj or glb for a texture, or --notexture")
   if resolution < 2:
-    raise ValueError(f"resolution must be >= 2, got {resolution}")
+    raise ExportError(f"resolution must be >= 2, got {resolution}")
   if not 0.0 <= min_component_fraction <= 1.0:
-    raise ValueError(f"min_component_fraction must be in [0, 1], got {min_component_fraction}")
-  return format
+    raise ExportError(f"min_component_fraction must be in [0, 1], got {min_component_fraction}")
+  if target_faces < 0:
+    raise ExportError(f"target_faces must be >= 0 (0 keeps every face), got {target_faces}")
+  if texture and texture_size < 8:
+    raise ExportError(f"texture_size must be >= 8, got {texture_size}")
+  return format, texture
+
+
+def check_writable(path: str) -> None:
+  """Raises unless `path` can be written: its nearest existing ancestor directory must
+  accept a new file. Probed with an unnamed temporary file (O_TMPFILE where the file
+  system has it), so nothing appears in the directory."""
+  ancestor = os.path.dirname(os.path.abspath(path))
+  while not os.path.exists(ancestor):
+    ancestor = os.path.dirname(ancestor)
+  if not os.path.isdir(ancestor):
+    raise ExportError(f"cannot write {path!r}: {ancestor!r} is a file, not a directory")
+  if os.path.isdir(path):
+    raise ExportError(f"cannot write {path!r}: it is a directory")
+  try:
+    with tempfile.TemporaryFile(dir=ancestor):
+      pass
+  except OSError as e:
+    raise ExportError(f"cannot write {path!r}: directory {ancestor!r} is not writable ({e.strerror})") from e
+
+
+def check_run_dir(workdir: str, step: Optional[int] = None) -> None:
+  """Raises unless `workdir` is a training run with a checkpoint (for `step`, if given).
+
+  Reads the directory only: restoring opens the checkpoint manager, which would create a
+  missing checkpoint directory.
+  """
+  if not os.path.exists(workdir):
+    raise ExportError(f"--workdir {workdir!r} does not exist")
+  if not os.path.isdir(workdir):
+    raise ExportError(f"--workdir {workdir!r} is not a directory")
+  if not os.path.isfile(os.path.join(workdir, runs.CONFIG_FILE)):
+    raise ExportError(f"--workdir {workdir!r} has no {runs.CONFIG_FILE}: is it the --workdir of a training run?")
+  checkpoint_dir = os.path.join(workdir, runs.CHECKPOINT_DIR)
+  # Orbax names each finished checkpoint by its step; unfinished ones carry a suffix.
+  steps = sorted(int(n) for n in os.listdir(checkpoint_dir) if n.isdigit()) if os.path.isdir(checkpoint_dir) else []
+  if not steps:
+    raise ExportError(f"--workdir {workdir!r} has no checkpoint in {checkpoint_dir!r}: has the run saved one yet?")
+  if step is not None and step not in steps:
+    raise ExportError(f"no checkpoint for --step={step} in {checkpoint_dir!r}; available: {steps}")
+
+
+# ---------------------------------------------------------------------------------
+# Entry points: a field, a scene, a run.
 
 
 def export_mesh(
@@ -453,25 +467,28 @@ def export_mesh(
     bound: float,
     threshold: float,
     format: Optional[str] = None,  # pylint: disable=redefined-builtin
-    texture: bool = False,
-    texture_size: int = 1024,
+    texture: Optional[bool] = None,
+    texture_size: int = DEFAULT_TEXTURE_SIZE,
     min_component_fraction: float = DEFAULT_MIN_COMPONENT_FRACTION,
+    target_faces: int = 0,
     chunk_size: int = 262144,
     progress: bool = False,
 ) -> tuple[trimesh.Trimesh, list[str]]:
-  """Extracts, colours (vertex colours or baked texture) and writes a field's mesh.
+  """Extracts, decimates, colours (baked texture or vertex colours) and writes a field's mesh.
 
   Everything is validated before any work, and nothing is written unless extraction
-  succeeds (see `extract_mesh` for the arguments).
+  succeeds (see `extract_mesh` and `check_export_args` for the arguments).
 
   Returns:
-    the mesh and the paths written.
+    the mesh (world frame) and the paths written.
   """
-  format = check_export_args(path, format=format, texture=texture, resolution=resolution,
-                             min_component_fraction=min_component_fraction)
+  format, texture = check_export_args(path, format=format, texture=texture, resolution=resolution,
+                                      min_component_fraction=min_component_fraction, target_faces=target_faces,
+                                      texture_size=texture_size)
+  check_writable(path)
   mesh = extract_mesh(field_fn, resolution=resolution, bound=bound, threshold=threshold,
-                      min_component_fraction=min_component_fraction, colour=not texture,
-                      chunk_size=chunk_size, progress=progress)
+                      min_component_fraction=min_component_fraction, target_faces=target_faces,
+                      colour=not texture, chunk_size=chunk_size, progress=progress)
   if texture:
     mesh = bake_texture(mesh, field_fn, texture_size=texture_size)
   return mesh, save_mesh(mesh, path, format)
@@ -485,14 +502,14 @@ def export_scene_mesh(config: ml_collections.ConfigDict, scene: scene_lib.Scene,
   Args:
     step: the training step, for the scene's coarse-to-fine level mask; None: all levels.
     threshold: isosurface density; default `default_threshold` of the config.
-    **kwargs: format, texture, texture_size, min_component_fraction, chunk_size, progress
-      (see `export_mesh`).
+    **kwargs: format, texture, texture_size, min_component_fraction, target_faces,
+      chunk_size, progress (see `export_mesh`).
 
   Returns:
     (mesh, paths written, threshold used).
 
   Raises:
-    ValueError: bad arguments, or nothing above the threshold (nothing is written).
+    ExportError: bad arguments, or nothing above the threshold (nothing is written).
   """
   bound = float(config.render.bound)
   if threshold is None:
@@ -509,8 +526,10 @@ def export_run_mesh(
     out: Optional[str] = None,
     format: Optional[str] = None,  # pylint: disable=redefined-builtin
     resolution: int = 256,
-    texture: bool = False,
+    texture: Optional[bool] = None,
     min_component_fraction: float = DEFAULT_MIN_COMPONENT_FRACTION,
+    target_faces: int = 0,
+    texture_size: int = DEFAULT_TEXTURE_SIZE,
     **kwargs,
 ) -> tuple[trimesh.Trimesh, list[str], float]:
   """Exports the mesh of a training run's checkpoint (the latest unless `step`).
@@ -518,170 +537,28 @@ def export_run_mesh(
   Args:
     out: output path; default `workdir/export/mesh_<step>.<format>`.
     format: "glb" (default), "obj" or "ply"; with `out`, taken from its extension.
-    texture, min_component_fraction: see `export_mesh`.
-    **kwargs: threshold, texture_size, chunk_size, progress (see `export_scene_mesh`).
+    texture, texture_size, min_component_fraction, target_faces: see `export_mesh`.
+    **kwargs: threshold, chunk_size, progress (see `export_scene_mesh`).
 
   Returns:
     (mesh, paths written, threshold used).
-  """
 
-  # Validate before the (slow) restore.
-  format = check_export_args(out if out is not None else f"mesh.{format or 'glb'}", format=format,
-                             texture=texture, resolution=resolution,
-                             min_component_fraction=min_component_fraction)
-  config, scene, params, restored_step = runs.restore_scene(workdir, step)
+  Raises:
+    ExportError: a bad argument, workdir or output path (found before the slow
+      restore), or nothing above the threshold; the workdir is left as it was.
+  """
+  format, texture = check_export_args(out if out is not None else f"mesh.{format or 'glb'}", format=format,
+                                      texture=texture, resolution=resolution,
+                                      min_component_fraction=min_component_fraction, target_faces=target_faces,
+                                      texture_size=texture_size)
+  check_run_dir(workdir, step)
+  check_writable(out if out is not None else os.path.join(workdir, "export", f"mesh.{format}"))
+  try:
+    config, scene, params, restored_step = runs.restore_scene(workdir, step)
+  except FileNotFoundError as e:
+    raise ExportError(str(e)) from e
   if out is None:
     out = os.path.join(workdir, "export", f"mesh_{restored_step:06d}.{format}")
   return export_scene_mesh(config, scene, params, out, step=restored_step, resolution=resolution,
                            format=format, texture=texture, min_component_fraction=min_component_fraction,
-                           **kwargs)
-
-
-# ---------------------------------------------------------------------------------
-# Turntable video.
-
-
-def turntable_frames(renders: dict, layers: Sequence[str] = VIDEO_LAYERS) -> np.ndarray:
-  """Side-by-side panels of the chosen layers for every frame.
-
-  Args:
-    renders: `scene.render_eval_views` output for all N frames (numpy). Depth is
-      greyed with one range over the whole video, so brightness does not flicker.
-    layers: subset of VIDEO_LAYERS, left to right.
-
-  Returns:
-    uint8 (N, H, len(layers) * W, 3).
-  """
-  _check_layers(layers)
-  panels = {
-      "rgb": lambda: renders["rgb"],
-      "normals": lambda: renders["normals"],
-      "depth": lambda: images.depth_to_gray(renders["depth"], renders["opacity"]),
-      "opacity": lambda: renders["opacity"],
-  }
-  return np.concatenate([images.to_uint8_batch(panels[name]()) for name in layers], axis=2)
-
-
-def _check_layers(layers: Sequence[str]) -> None:
-  if not layers or any(name not in VIDEO_LAYERS for name in layers):
-    raise ValueError(f"video layers must be a non-empty subset of {VIDEO_LAYERS}, got {tuple(layers)}")
-
-
-def _even(frames: np.ndarray) -> np.ndarray:
-  # H.264 in yuv420p needs even sizes; repeat the last row / column if odd.
-  pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
-  return np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge") if pad_h or pad_w else frames
-
-
-def write_mp4(path: str, frames: np.ndarray, *, fps: int) -> None:
-  """uint8 (N, H, W, 3) frames as an H.264 MP4, atomically."""
-  import imageio.v2 as imageio
-
-  def write(tmp):
-    # macro_block_size=1: keep the exact frame size (imageio would otherwise resize to
-    # multiples of 16).
-    with imageio.get_writer(tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264", quality=8,
-                            pixelformat="yuv420p", macro_block_size=1) as writer:
-      for frame in _even(frames):
-        writer.append_data(frame)
-
-  files.write_atomically(path, write)
-
-
-def write_gif(path: str, frames: np.ndarray, *, fps: int) -> None:
-  """uint8 (N, H, W, 3) frames as a looping GIF, atomically."""
-  import imageio.v3 as iio
-
-  files.write_atomically(path, lambda tmp: iio.imwrite(tmp, frames, extension=".gif", duration=1000.0 / fps, loop=0))
-
-
-def render_turntable(
-    config: ml_collections.ConfigDict,
-    scene: scene_lib.Scene,
-    params: dict,
-    out_dir: str,
-    *,
-    step: Optional[int] = None,
-    num_frames: int = 120,
-    elevation_deg: Optional[float] = None,
-    radius: Optional[float] = None,
-    fovy_deg: Optional[float] = None,
-    height: Optional[int] = None,
-    width: Optional[int] = None,
-    layers: Sequence[str] = VIDEO_LAYERS,
-    batch_size: int = 8,
-    fps: int = 30,
-    save_frames: bool = False,
-    name: str = "turntable",
-    progress: bool = True,
-) -> dict:
-  """Renders `num_frames` views on a circle around the object and writes the video.
-
-  Cameras: `cameras.orbit_cameras` at a fixed elevation, radius and field of view
-  (default config.cameras.eval_*), frame i at azimuth 360 i / num_frames. Frames are
-  rendered `batch_size` at a time by one jitted `scene.render_eval_views` (the last
-  batch is padded, so there is one compile), then the chosen layers are laid side by
-  side (see `turntable_frames`).
-
-  Args:
-    config, scene, params: the run (as from `train.restore_scene`, or the loop's state).
-    out_dir: where `<name>.mp4`, `<name>.gif` and, with `save_frames`,
-      `<name>_frames/0000.png ...` go.
-    step: training step, for the hash grid's progressive level mask (None: all levels).
-    height, width: frame size of each layer (default config.train.eval_height/width).
-
-  Returns:
-    dict with "mp4", "gif" and (with save_frames) "frames" (list of PNG paths).
-  """
-  c = config.cameras
-  elevation_deg = c.eval_elevation_deg if elevation_deg is None else elevation_deg
-  radius = c.eval_radius if radius is None else radius
-  fovy_deg = c.eval_fovy_deg if fovy_deg is None else fovy_deg
-  height = config.train.eval_height if height is None else height
-  width = config.train.eval_width if width is None else width
-  if num_frames < 1 or height < 1 or width < 1 or batch_size < 1:
-    raise ValueError(f"num_frames, height, width and batch_size must be >= 1; got {num_frames}, {height}, "
-                     f"{width}, {batch_size}")
-  if radius <= config.render.bound:
-    raise ValueError(f"video radius {radius} must be outside the bounding sphere (bound {config.render.bound})")
-  _check_layers(layers)
-
-  cams = cameras_lib.orbit_cameras(num_frames, elevation_deg=elevation_deg, radius=radius, fovy_deg=fovy_deg)
-  batch_size = min(batch_size, num_frames)
-  num_batches = -(-num_frames // batch_size)
-  # Pad with the last pose so every batch has the same shape (one compile).
-  index = np.minimum(np.arange(num_batches * batch_size), num_frames - 1)
-  cams = jax.tree_util.tree_map(lambda x: x[index], cams)
-  render_fn = visualize.make_eval_renderer(scene, height=height, width=width, chunk_size=config.render.eval_chunk)
-  level_mask = None if step is None else scene.level_mask(step)
-  batches = range(num_batches)
-  if progress:
-    from tqdm import tqdm
-    batches = tqdm(batches, desc="turntable", unit="batch")
-  parts = []
-  for b in batches:
-    batch_cams = jax.tree_util.tree_map(lambda x: x[b * batch_size:(b + 1) * batch_size], cams)
-    parts.append(jax.device_get(render_fn(params, batch_cams, level_mask=level_mask)))
-  renders = {k: np.concatenate([p[k] for p in parts])[:num_frames] for k in parts[0]}
-  frames = turntable_frames(renders, layers)
-
-  paths = {"mp4": os.path.join(out_dir, f"{name}.mp4"), "gif": os.path.join(out_dir, f"{name}.gif")}
-  write_mp4(paths["mp4"], frames, fps=fps)
-  write_gif(paths["gif"], frames, fps=fps)
-  if save_frames:
-    paths["frames"] = [os.path.join(out_dir, f"{name}_frames", f"{i:04d}.png") for i in range(num_frames)]
-    for path, frame in zip(paths["frames"], frames):
-      images.save_png(path, frame)
-  return paths
-
-
-def render_run_turntable(workdir: str, *, step: Optional[int] = None, out_dir: Optional[str] = None,
-                         **kwargs) -> dict:
-  """`render_turntable` of a run's checkpoint (the latest unless `step`); by default
-  into `workdir/videos/step_<step>/`. Returns its paths plus "step"."""
-
-  config, scene, params, restored_step = runs.restore_scene(workdir, step)
-  if out_dir is None:
-    out_dir = os.path.join(workdir, "videos", f"step_{restored_step:06d}")
-  paths = render_turntable(config, scene, params, out_dir, step=restored_step, **kwargs)
-  return dict(paths, step=restored_step)
+                           target_faces=target_faces, texture_size=texture_size, **kwargs)

@@ -445,10 +445,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   final = _unreplicate(p_state)
   finished = step >= t.steps
   if config.train.render_video and is_writer and finished:
-    from dreamfusion_jax import export
+    from dreamfusion_jax import video
 
-    paths = export.render_turntable(config, scene, final.params, os.path.join(workdir, "videos", f"step_{step:06d}"),
-                                    step=step)
+    paths = video.render_turntable(config, scene, final.params, os.path.join(workdir, "videos", f"step_{step:06d}"),
+                                   step=step)
     print(f"turntable video: {paths['mp4']}")
   if config.train.export_mesh and is_writer and finished:
     from dreamfusion_jax import export
@@ -456,7 +456,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     try:
       _, mesh_paths, _ = export.export_scene_mesh(config, scene, final.params,
                                                   os.path.join(workdir, "export", f"mesh_{step:06d}.glb"),
-                                                  step=step, resolution=int(config.train.mesh_resolution))
+                                                  step=step, resolution=int(config.train.mesh_resolution),
+                                                  target_faces=int(config.train.mesh_target_faces))
       print(f"mesh: {mesh_paths[0]}")
     except ValueError as e:  # an empty field: training itself succeeded, so report and return
       print(f"mesh not exported: {e}")

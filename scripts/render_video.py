@@ -9,9 +9,9 @@ out_dir defaults to <workdir>/videos/step_<step>/. Camera defaults come from the
 config.cameras.eval_* and the frame size from config.train.eval_height/width.
 """
 
-from absl import app, flags
+from absl import app, flags, logging
 
-from dreamfusion_jax import export
+from dreamfusion_jax import video
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's --workdir.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
@@ -21,7 +21,7 @@ _RADIUS = flags.DEFINE_float("radius", None, "Camera distance from the origin (d
 _FOVY = flags.DEFINE_float("fovy", None, "Vertical field of view in degrees (default: eval_fovy_deg).")
 _HEIGHT = flags.DEFINE_integer("height", None, "Frame height per panel (default: eval_height).")
 _WIDTH = flags.DEFINE_integer("width", None, "Frame width per panel (default: eval_width).")
-_LAYERS = flags.DEFINE_list("layers", list(export.VIDEO_LAYERS), "Panels, left to right.")
+_LAYERS = flags.DEFINE_list("layers", list(video.VIDEO_LAYERS), "Panels, left to right.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Frames rendered per compiled call.")
 _FPS = flags.DEFINE_integer("fps", 30, "Frames per second.")
 _SAVE_FRAMES = flags.DEFINE_boolean("save_frames", False, "Also write every frame as a PNG.")
@@ -32,7 +32,8 @@ flags.mark_flags_as_required(["workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  paths = export.render_run_turntable(
+  logging.set_verbosity(logging.WARNING)  # orbax logs every step of a restore at INFO
+  paths = video.render_run_turntable(
       _WORKDIR.value, step=_STEP.value, out_dir=_OUT_DIR.value, num_frames=_FRAMES.value,
       elevation_deg=_ELEVATION.value, radius=_RADIUS.value, fovy_deg=_FOVY.value, height=_HEIGHT.value,
       width=_WIDTH.value, layers=_LAYERS.value, batch_size=_BATCH_SIZE.value, fps=_FPS.value,

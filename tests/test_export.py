@@ -1,10 +1,12 @@
 """Mesh export of analytic fields (closed-form surfaces) and turntable videos of a run."""
 
 import copy
+import json
 import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import imageio.v2 as imageio_v2
 import imageio.v3 as iio
@@ -15,7 +17,7 @@ import pytest
 import trimesh
 
 from configs import dreamfusion
-from dreamfusion_jax import cameras, export, render, state as state_lib, train
+from dreamfusion_jax import cameras, export, render, state as state_lib, toy_world, video
 from dreamfusion_jax import scene as scene_lib
 from dreamfusion_jax.checkpoints import Checkpointer
 
@@ -44,6 +46,22 @@ def field(*densities):
 
 SPHERE_RADIUS = 0.6
 sphere_field = field(ball(SPHERE_RADIUS))
+
+
+def y_up(points):
+  """World (x, y, z), +z up and front +x, in glTF's frame (+Y up, front +Z): (y, z, x)."""
+  return np.asarray(points)[..., [1, 2, 0]]
+
+
+def world(points):
+  """The inverse of `y_up`."""
+  return np.asarray(points)[..., [2, 0, 1]]
+
+
+def load_mesh(path):
+  """A mesh file as one Trimesh, with a glTF scene's node transforms applied."""
+  loaded = trimesh.load(path, process=False)
+  return loaded.to_geometry() if isinstance(loaded, trimesh.Scene) else loaded
 
 
 @pytest.fixture(scope="module")
@@ -94,13 +112,18 @@ def test_small_floaters_are_removed(fraction, num_components):
 def test_mesh_file_reloads_with_the_same_vertices_and_colours(sphere_mesh, tmp_path, fmt):
   path = str(tmp_path / f"sphere.{fmt}")
   assert export.save_mesh(sphere_mesh, path) == [path]
-  loaded = trimesh.load(path, process=False)
-  if isinstance(loaded, trimesh.Scene):
-    (loaded,) = loaded.geometry.values()
+  loaded = load_mesh(path)
   assert len(loaded.vertices) == len(sphere_mesh.vertices)
-  np.testing.assert_allclose(loaded.vertices, sphere_mesh.vertices, atol=1e-5)
-  # GLB: with a (matte) material, trimesh keeps COLOR_0 as a vertex attribute.
-  colours = (loaded.visual.vertex_attributes["color"] if fmt == "glb" else loaded.visual.vertex_colors)
+  # GLB and OBJ are +Y up, PLY keeps the world's +z up.
+  expected = sphere_mesh.vertices if fmt == "ply" else y_up(sphere_mesh.vertices)
+  np.testing.assert_allclose(loaded.vertices, expected, atol=1e-5)
+  # GLB: with a (matte) material, trimesh keeps COLOR_0 as a vertex attribute (of the
+  # scene's geometry: `to_geometry` drops it).
+  if fmt == "glb":
+    (geometry,) = trimesh.load(path, process=False).geometry.values()
+    colours = geometry.visual.vertex_attributes["color"]
+  else:
+    colours = loaded.visual.vertex_colors
   np.testing.assert_array_equal(np.asarray(colours)[:, :3], sphere_mesh.visual.vertex_colors[:, :3])
   assert oct(os.stat(path).st_mode & 0o777) != oct(0o600)  # not left private by mkstemp
 
@@ -108,16 +131,16 @@ def test_mesh_file_reloads_with_the_same_vertices_and_colours(sphere_mesh, tmp_p
 @pytest.mark.parametrize("fmt", ["obj", "glb"])
 def test_texture_holds_the_albedo(tmp_path, fmt):
   path = str(tmp_path / f"textured.{fmt}")
-  _, paths = export.export_mesh(sphere_field, path, resolution=24, bound=BOUND, threshold=50.0, texture=True,
-                                texture_size=256)
+  # A texture is the default for GLB and OBJ.
+  _, paths = export.export_mesh(sphere_field, path, resolution=24, bound=BOUND, threshold=50.0, texture_size=256)
   if fmt == "obj":
     assert sorted(os.path.basename(p) for p in paths) == ["textured.mtl", "textured.obj", "textured.png"]
-  loaded = trimesh.load(path, force="mesh")
+  loaded = load_mesh(path)
   image = getattr(loaded.visual.material, "baseColorTexture", None) or loaded.visual.material.image
   # Colour looked up in the texture at each face's centre vs the field at that point.
   uv = loaded.visual.uv[loaded.faces].mean(axis=1)
   looked_up = trimesh.visual.color.uv_to_color(uv, image)[:, :3] / 255.0
-  expected = np.asarray(colour_of(jnp.asarray(loaded.triangles_center, jnp.float32)))
+  expected = np.asarray(colour_of(jnp.asarray(world(loaded.triangles_center), jnp.float32)))
   error = np.abs(looked_up - expected)
   assert error.mean() < 0.01 and error.max() < 0.05
 
@@ -154,10 +177,93 @@ def test_default_threshold_makes_one_render_step_half_opaque():
   assert float(opacity) == pytest.approx(0.5, abs=1e-6)
 
 
-@pytest.mark.parametrize("path, fmt, texture", [("m.ply", None, True), ("m.glb", "obj", False), ("m.stl", None, False)])
-def test_bad_export_arguments_fail_before_any_work(path, fmt, texture):
-  with pytest.raises(ValueError):
+@pytest.mark.parametrize("path, fmt, texture, match", [
+    ("m.ply", None, True, "PLY has no textures"),
+    ("m.glb", "obj", False, "does not end in .obj"),
+    ("m.stl", None, False, "one of glb, obj, ply, got 'stl' .the extension"),
+    ("m.stl", "stl", False, "one of glb, obj, ply, got 'stl'$"),
+])
+def test_bad_export_arguments_fail_before_any_work(path, fmt, texture, match):
+  with pytest.raises(export.ExportError, match=match):
     export.check_export_args(path, format=fmt, texture=texture)
+
+
+def test_texture_is_the_default_where_the_format_has_one():
+  assert export.check_export_args("m.glb") == ("glb", True)
+  assert export.check_export_args("m.obj") == ("obj", True)
+  assert export.check_export_args("m.ply") == ("ply", False)
+  assert export.check_export_args("m.glb", texture=False) == ("glb", False)  # vertex colours on request
+
+
+# ---------------------------------------------------------------------------------
+# Upright files: glTF (and OBJ by the common convention) are +Y up with the front at +Z.
+
+CONE_H, CONE_R = toy_world.CONE_HALF_HEIGHT, toy_world.CONE_RADIUS
+cone_field = field(lambda x: jnp.where(toy_world.sdf_cone(x, CONE_H, CONE_R) < 0, 100.0, 0.0))
+
+
+@pytest.fixture(scope="module")
+def cone_mesh():
+  """toy_world's cone, tip at world +z (0, 0, h), base disc of radius r at z = -h."""
+  return export.extract_mesh(cone_field, resolution=RESOLUTION, bound=BOUND, threshold=50.0)
+
+
+@pytest.mark.parametrize("fmt, up", [("glb", 1), ("obj", 1), ("ply", 2)])
+def test_cone_stands_upright_in_the_files_convention(cone_mesh, tmp_path, fmt, up):
+  path = str(tmp_path / f"cone.{fmt}")
+  export.save_mesh(cone_mesh, path)
+  loaded = load_mesh(path)
+  tip = loaded.vertices[np.argmax(loaded.vertices[:, up])]
+  expected_tip = np.zeros(3)
+  expected_tip[up] = CONE_H
+  np.testing.assert_allclose(tip, expected_tip, atol=2 * VOXEL)
+  # The base: the lowest vertices span the full disc across the two other axes.
+  lo, hi = loaded.bounds
+  assert lo[up] == pytest.approx(-CONE_H, abs=VOXEL)
+  across = [a for a in range(3) if a != up]
+  np.testing.assert_allclose(hi[across], CONE_R, atol=VOXEL)
+  np.testing.assert_allclose(lo[across], -CONE_R, atol=VOXEL)
+  base = loaded.vertices[loaded.vertices[:, up] < -CONE_H + VOXEL]
+  assert np.linalg.norm(base[:, across], axis=-1).max() == pytest.approx(CONE_R, abs=VOXEL)
+
+
+@pytest.mark.parametrize("fmt", ["glb", "obj"])
+def test_front_faces_plus_z_and_handedness_is_kept(tmp_path, fmt):
+  """A tetrahedron with corners on world +x (front, azimuth 0), +y (left of that view),
+  +z (up) and the origin: in glTF's frame they must land on +Z, +X, +Y, and the mesh
+  must keep a positive volume (a reflection would turn it inside out)."""
+  corners = np.array([[0.0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]])
+  tetra = trimesh.Trimesh(corners, [[0, 2, 1], [0, 1, 3], [0, 3, 2], [1, 2, 3]], process=False)
+  assert tetra.volume == pytest.approx(1 / 6)  # outward faces in the world frame
+  path = str(tmp_path / f"tetra.{fmt}")
+  export.save_mesh(tetra, path)
+  loaded = load_mesh(path)
+  expected = np.array([[0.0, 0, 0], [0, 0, 1], [1, 0, 0], [0, 1, 0]])  # origin, front, left, up
+  np.testing.assert_allclose(loaded.vertices, expected, atol=1e-6)
+  assert loaded.volume == pytest.approx(1 / 6)
+
+
+def test_decimation_meets_the_budget_and_keeps_the_sphere():
+  full = export.extract_mesh(sphere_field, resolution=RESOLUTION, bound=BOUND, threshold=50.0, colour=False)
+  target = 500
+  assert len(full.faces) > 8 * target
+  mesh = export.extract_mesh(sphere_field, resolution=RESOLUTION, bound=BOUND, threshold=50.0,
+                             target_faces=target)
+  assert 0.8 * target <= len(mesh.faces) <= target
+  assert mesh.is_watertight and mesh.euler_number == 2
+  assert mesh.volume == pytest.approx(4 / 3 * math.pi * SPHERE_RADIUS**3, rel=0.03)
+  np.testing.assert_allclose(mesh.bounds, [[-SPHERE_RADIUS] * 3, [SPHERE_RADIUS] * 3], atol=VOXEL)
+  np.testing.assert_allclose(np.linalg.norm(mesh.vertices, axis=-1), SPHERE_RADIUS, atol=VOXEL)
+  # Colours come after decimation, from the field at the new vertices.
+  expected = np.asarray(colour_of(jnp.asarray(mesh.vertices, jnp.float32)))
+  np.testing.assert_allclose(mesh.visual.vertex_colors[:, :3] / 255.0, expected, atol=0.6 / 255)
+
+
+def test_no_decimation_at_zero_or_within_budget(sphere_mesh):
+  assert export.decimate(sphere_mesh, 0) is sphere_mesh
+  assert export.decimate(sphere_mesh, len(sphere_mesh.faces)) is sphere_mesh
+  with pytest.raises(export.ExportError, match="target_faces must be >= 0"):
+    export.decimate(sphere_mesh, -1)
 
 
 # ---------------------------------------------------------------------------------
@@ -216,6 +322,73 @@ def test_export_cli_writes_the_runs_mesh(run, tmp_path):
   np.testing.assert_allclose(np.sort(mesh.vertices, axis=0), np.sort(expected.vertices, axis=0), atol=1e-5)
 
 
+def _tree(directory):
+  """Every path under `directory` with its size and modification time."""
+  return sorted((os.path.relpath(os.path.join(root, name), directory), os.stat(os.path.join(root, name)).st_size,
+                 os.stat(os.path.join(root, name)).st_mtime_ns)
+                for root, dirs, names in os.walk(directory) for name in dirs + names)
+
+
+# Runs scripts/export.py's main() on several command lines in one process (one JAX
+# start-up instead of one per case): flags are re-parsed for each, and the message that
+# sys.exit would print (its code) is returned.
+_CLI_DRIVER = """
+import json, runpy, sys
+from absl import flags
+script = runpy.run_path("scripts/export.py")
+results = []
+for argv in json.loads(sys.argv[1]):
+  flags.FLAGS.unparse_flags()
+  flags.FLAGS(["export.py"] + argv)
+  try:
+    script["main"](["export.py"])
+    results.append(None)
+  except SystemExit as e:
+    results.append(e.code)
+print(json.dumps(results))
+"""
+
+
+def test_export_cli_bad_inputs_give_one_line_and_change_nothing(run, tmp_path):
+  workdir = run[3]
+  empty, config_only = tmp_path / "empty", tmp_path / "config_only"
+  empty.mkdir()
+  config_only.mkdir()
+  (config_only / "config.json").write_bytes((Path(workdir) / "config.json").read_bytes())
+  missing = tmp_path / "missing"
+  cases = [  # (arguments, what the one line must say)
+      ([f"--workdir={missing}"], f"--workdir '{missing}' does not exist"),
+      ([f"--workdir={workdir}/config.json"], f"--workdir '{workdir}/config.json' is not a directory"),
+      ([f"--workdir={empty}"], f"--workdir '{empty}' has no config.json"),
+      ([f"--workdir={config_only}"], f"--workdir '{config_only}' has no checkpoint in"),
+      ([f"--workdir={workdir}", "--step=99"], "no checkpoint for --step=99 in"),
+      ([f"--workdir={workdir}", "--format=stl"], "mesh format must be one of glb, obj, ply, got 'stl'"),
+      ([f"--workdir={workdir}", "--out=/proc/forbidden/mesh.glb"], "cannot write '/proc/forbidden/mesh.glb'"),
+      ([f"--workdir={workdir}", f"--out={workdir}/config.json/mesh.glb"], "config.json' is a file, not a directory"),
+      ([f"--workdir={workdir}", "--target_faces=-5"], "target_faces must be >= 0"),
+  ]
+  before = _tree(workdir)
+  result = subprocess.run([sys.executable, "-c", _CLI_DRIVER, json.dumps([args for args, _ in cases])], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-3000:]
+  messages = json.loads(result.stdout.strip().splitlines()[-1])
+  for (args, expected), message in zip(cases, messages):
+    assert isinstance(message, str), (args, message)  # sys.exit(str): exit status 1
+    assert message.startswith("error: ") and expected in message and "\n" not in message, (args, message)
+  assert _tree(workdir) == before
+  assert not missing.exists() and os.listdir(empty) == [] and os.listdir(config_only) == ["config.json"]
+
+
+def test_export_cli_on_an_empty_workdir_prints_one_line(tmp_path):
+  """The real process, as the issue saw it: exit status 1 and one line on stderr."""
+  result = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "export.py"), f"--workdir={tmp_path}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 1
+  assert result.stderr.strip() == (f"error: --workdir '{tmp_path}' has no config.json: is it the --workdir of a "
+                                   "training run?")
+  assert result.stdout == "" and os.listdir(tmp_path) == []
+
+
 def test_run_export_with_too_high_threshold_names_it(run):
   workdir = run[3]
   with pytest.raises(ValueError, match="no density above the threshold 1e\\+06"):
@@ -228,7 +401,7 @@ def test_video_cli_frames_match_a_direct_render(run, tmp_path):
   out_dir = str(tmp_path / "video")
   _cli("render_video.py", f"--workdir={workdir}", f"--frames={NUM_FRAMES}", f"--height={SIZE}", f"--width={SIZE}",
        "--batch_size=4", "--save_frames", f"--out_dir={out_dir}")
-  width = len(export.VIDEO_LAYERS) * SIZE
+  width = len(video.VIDEO_LAYERS) * SIZE
   png = np.stack([iio.imread(os.path.join(out_dir, "turntable_frames", f"{i:04d}.png")) for i in range(NUM_FRAMES)])
   gif = iio.imread(os.path.join(out_dir, "turntable.gif"))[..., :3]
   with imageio_v2.get_reader(os.path.join(out_dir, "turntable.mp4"), format="FFMPEG") as reader:
@@ -239,7 +412,7 @@ def test_video_cli_frames_match_a_direct_render(run, tmp_path):
   c = config.cameras
   cams = cameras.orbit_cameras(NUM_FRAMES, elevation_deg=c.eval_elevation_deg, radius=c.eval_radius,
                                fovy_deg=c.eval_fovy_deg)
-  direct = export.turntable_frames(jax.device_get(
+  direct = video.turntable_frames(jax.device_get(
       scene_lib.render_eval_views(scene, params, cams, height=SIZE, width=SIZE)))
   # PNG frames are exact up to one uint8 step (batching changes float rounding).
   np.testing.assert_allclose(png.astype(int), direct.astype(int), atol=1)
@@ -252,7 +425,7 @@ def test_video_cli_frames_match_a_direct_render(run, tmp_path):
 def test_render_turntable_rejects_bad_layers_before_rendering(run, tmp_path):
   config, scene, params, _ = run
   with pytest.raises(ValueError, match="layers"):
-    export.render_turntable(config, scene, params, str(tmp_path), num_frames=2, layers=("rgb", "albedo"))
+    video.render_turntable(config, scene, params, str(tmp_path), num_frames=2, layers=("rgb", "albedo"))
   assert os.listdir(tmp_path) == []
 
 
@@ -265,11 +438,11 @@ def test_end_of_training_mesh_uses_the_runs_threshold(run, tmp_path):
   assert not os.path.exists(tmp_path / "empty.glb")
   config.render.num_samples = 4  # threshold ln 2 * 4 / 2 = 1.39: the blob's core is inside
   out = str(tmp_path / "mesh.glb")
-  _, paths, threshold = export.export_scene_mesh(config, scene, params, out, step=3, resolution=16)
+  _, paths, threshold = export.export_scene_mesh(config, scene, params, out, step=3, resolution=16, texture=False)
   assert paths == [out]
   assert threshold == pytest.approx(2 * math.log(2.0))
   expected = export.extract_mesh(export.scene_field_fn(scene, params, scene.level_mask(3)), resolution=16,
                                  bound=BOUND, threshold=2 * math.log(2.0))
-  mesh = trimesh.load(out, force="mesh")
+  mesh = load_mesh(out)
   assert len(mesh.vertices) == len(expected.vertices) > 0
-  np.testing.assert_allclose(np.sort(mesh.vertices, axis=0), np.sort(expected.vertices, axis=0), atol=1e-5)
+  np.testing.assert_allclose(np.sort(world(mesh.vertices), axis=0), np.sort(expected.vertices, axis=0), atol=1e-5)
