@@ -1,18 +1,24 @@
 """Atomic file writes: a crash or an error mid-write never leaves a truncated file
-where a good one was, and never a stray temporary file beside it."""
+where a good one was, and never a stray temporary file beside it.
+
+`write_dir_atomically` does the same for a directory written as a whole (the
+embedded toy prior: configs, weights, tokenizer).
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from typing import Callable
 
 
-def _default_mode() -> int:
-  """0666 less the process umask: what `open(path, "w")` would have given."""
+def _default_mode(base: int = 0o666) -> int:
+  """`base` less the process umask: 0666 is what `open(path, "w")` would have given,
+  0777 what `os.mkdir` would have."""
   umask = os.umask(0)
   os.umask(umask)
-  return 0o666 & ~umask
+  return base & ~umask
 
 
 def write_atomically(path: str | os.PathLike, write: Callable[[str], None]) -> None:
@@ -44,3 +50,37 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def write_text(path: str | os.PathLike, text: str) -> None:
   write_bytes(path, text.encode("utf-8"))
+
+
+def write_dir_atomically(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+  """Calls write(tmp) on a fresh temporary directory beside `path`, then puts it in
+  place of `path` (a directory, or nothing yet): afterwards `path` holds either the
+  complete new directory or the old one, never a mix. On any error the temporary
+  directory is removed and `path` is left as it was.
+
+  A directory cannot replace a non-empty one in one rename, so the swap is two: the
+  old directory to `path`.old, the new one to `path`. A crash between the two leaves
+  the old directory at `path`.old (nothing is lost); the next write removes it.
+  """
+  path = os.path.abspath(os.fspath(path))
+  parent = os.path.dirname(path)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path), dir=parent)
+  old = path + ".old"
+  try:
+    write(tmp)
+    os.chmod(tmp, _default_mode(0o777))  # mkdtemp creates directories private (0700)
+    if os.path.exists(path):
+      shutil.rmtree(old, ignore_errors=True)  # a leftover of an interrupted swap; `path` is complete
+      os.replace(path, old)
+      try:
+        os.replace(tmp, path)
+      except BaseException:
+        os.replace(old, path)
+        raise
+    else:
+      os.replace(tmp, path)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  shutil.rmtree(old, ignore_errors=True)

@@ -17,8 +17,6 @@ import dataclasses
 import json
 import os
 import pathlib
-import shutil
-import tempfile
 from typing import Any
 
 import flax.struct
@@ -27,8 +25,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dreamfusion_jax import toy_world
-from dreamfusion_jax.guidance import stable_diffusion, tiny
+from dreamfusion_jax import files, toy_world
+from dreamfusion_jax.guidance import char_tokenizer, pipeline_dir
+
+# The functions that build or run the models import guidance.stable_diffusion /
+# sd_models (diffusers, transformers: seconds) on first use: configs/toy.py reads
+# PRIOR_DIR and IMAGE_SIZE from here, and parsing a config should not pay for them.
 
 Array = jax.Array
 
@@ -67,7 +69,7 @@ SCHEDULER_CONFIG = {  # DDPM's linear schedule (Ho et al. 2020), as for pixel-sp
 
 
 def text_encoder_config() -> dict[str, Any]:
-  vocab_size = len(tiny.tiny_vocab())
+  vocab_size = char_tokenizer.vocab_size()
   return {
       "architectures": ["CLIPTextModel"],
       "model_type": "clip_text_model",
@@ -88,33 +90,29 @@ def text_encoder_config() -> dict[str, Any]:
 
 def write_prior_dir(path: str | os.PathLike, params: dict, training_state: dict | None = None) -> pathlib.Path:
   """Writes {"unet", "text_encoder"} params as a pixel-space diffusers directory,
-  atomically: a complete directory replaces the old one or nothing changes.
-  `training_state` (steps trained, settings) goes to TRAINING_STATE beside them."""
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=path.name + ".tmp", dir=path.parent))
-  try:
-    tiny.write_pipeline_dir(tmp, params, fmt="flax", unet_config=UNET_CONFIG, vae_config=None,
-                            text_encoder_config=text_encoder_config(), scheduler_config=SCHEDULER_CONFIG,
-                            max_length=MAX_LENGTH)
+  atomically (files.write_dir_atomically): a complete directory replaces the old one
+  or nothing changes. `training_state` (steps trained, settings) goes to
+  TRAINING_STATE beside them."""
+
+  def write(tmp):
+    pipeline_dir.write_pipeline_dir(tmp, params, fmt="flax", unet_config=UNET_CONFIG, vae_config=None,
+                                    text_encoder_config=text_encoder_config(), scheduler_config=SCHEDULER_CONFIG,
+                                    max_length=MAX_LENGTH)
     if training_state is not None:
-      (tmp / TRAINING_STATE).write_text(json.dumps(training_state, indent=2, sort_keys=True))
-    old = path.with_name(path.name + ".old")
-    if path.exists():
-      os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  return path
+      (pathlib.Path(tmp) / TRAINING_STATE).write_text(json.dumps(training_state, indent=2, sort_keys=True))
+
+  files.write_dir_atomically(path, write)
+  return pathlib.Path(path)
 
 
 def init_params(seed: int) -> dict:
   """Random {"unet", "text_encoder"} params (fan-in scaled, no compile)."""
-  _, unet_shapes = stable_diffusion.unet_from_config(UNET_CONFIG)
-  _, text_shapes = stable_diffusion.text_encoder_from_config(text_encoder_config())
-  return {"unet": tiny.random_params(unet_shapes, seed), "text_encoder": tiny.random_params(text_shapes, seed + 1)}
+  from dreamfusion_jax.guidance import sd_models  # pylint: disable=g-import-not-at-top
+
+  _, unet_shapes = sd_models.unet_from_config(UNET_CONFIG)
+  _, text_shapes = sd_models.text_encoder_from_config(text_encoder_config())
+  return {"unet": sd_models.random_params(unet_shapes, seed),
+          "text_encoder": sd_models.random_params(text_shapes, seed + 1)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,7 +224,6 @@ def make_train_step(guidance, tx, *, uncond_prob: float = 0.1, view_prob: float 
   return step
 
 
-
 def conditioning_gaps(guidance, params, images: np.ndarray, objects: np.ndarray, *,
                       timesteps: tuple[int, ...] = (100, 300, 500, 700), num_noise: int = 2,
                       seed: int = 0) -> dict:
@@ -247,7 +244,7 @@ def conditioning_gaps(guidance, params, images: np.ndarray, objects: np.ndarray,
     {"shape", "color", "text"}: gaps averaged over `timesteps`, and "by_t":
     {t: {"shape", "color", "text"}}.
   """
-  from dreamfusion_jax.guidance import sds
+  from dreamfusion_jax.guidance import sds, stable_diffusion  # pylint: disable=g-import-not-at-top
 
   objs = toy_world.all_prompts()
   n_shapes, n_colors = len(toy_world.SHAPES), len(toy_world.COLOR_NAMES)
@@ -296,6 +293,8 @@ def gap_subset(data: dict, per_object: int = 4) -> tuple[np.ndarray, np.ndarray]
 
 def load(path: str | os.PathLike = PRIOR_DIR, **settings):
   """The prior as a guidance: (StableDiffusionGuidance, params), pixel space."""
+  from dreamfusion_jax.guidance import stable_diffusion  # pylint: disable=g-import-not-at-top
+
   return stable_diffusion.load_stable_diffusion(
       str(path), settings=stable_diffusion.SDSSettings(image_size=IMAGE_SIZE, **settings))
 
@@ -303,6 +302,8 @@ def load(path: str | os.PathLike = PRIOR_DIR, **settings):
 def sample_images(guidance, params, prompts: list[str], key: Array, *, num_steps: int = 20,
                   guidance_scale: float = 7.5) -> np.ndarray:
   """DDIM samples, one per prompt: (N, IMAGE_SIZE, IMAGE_SIZE, 3) in [0, 1]."""
+  from dreamfusion_jax.guidance import stable_diffusion  # pylint: disable=g-import-not-at-top
+
   emb = guidance.encode_prompts(params, list(prompts) + [""])
   cond, uncond = emb[:-1], jnp.broadcast_to(emb[-1], emb[:-1].shape)
   sample = jax.jit(lambda p, c, u, k: stable_diffusion.ddim_sample(guidance, p, c, u, k, num_steps=num_steps,
@@ -345,9 +346,7 @@ def train_prior(workdir: str, *, steps: int, batch_size: int = 32, per_object: i
   if not data_path.exists():
     t0 = time.time()
     data = render_dataset(seed, per_object)
-    tmp = work / "dataset.tmp.npz"
-    np.savez(tmp, **data)
-    os.replace(tmp, data_path)
+    files.write_atomically(data_path, lambda tmp: np.savez(tmp, **data))
     print(f"rendered {len(data['object'])} training images in {time.time() - t0:.0f} s", flush=True)
   data = dict(np.load(data_path))
 

@@ -6,7 +6,7 @@
   python scripts/benchmark.py --config=configs/dreamfusion.py --sd21_shapes   # full size (GPU/TPU)
   python scripts/benchmark.py --config=configs/dreamfusion.py --sd21_flop_model  # FLOPs only, any machine
 
-See dreamfusion_jax/benchmark.py for what is measured and docs/performance.md for
+See dreamfusion_jax/benchmark/ for what is measured and docs/performance.md for
 how to read it.
 """
 

@@ -1,8 +1,11 @@
 """Stable Diffusion (Flax, frozen) as the 2D prior of Score Distillation Sampling.
 
-The only module of the repo that imports diffusers and transformers. It loads a
-checkpoint in the diffusers layout (unet/, vae/, text_encoder/, tokenizer/,
-scheduler/) into their Flax classes and wires `sds.py`'s math to the models.
+The guidance itself: its settings (`SDSSettings`), the static `StableDiffusionGuidance`
+assembled from a checkpoint (`load_stable_diffusion`, `from_config`), and `sds.py`'s
+math wired to the models: encode images, predict noise, classifier-free guidance,
+`sds_loss`, `ddim_sample`. Finding and reading the checkpoint directory (diffusers
+layout) is pipeline_dir.py's; building the Flax modules from their configs,
+sd_models.py's (which imports diffusers and transformers).
 
 Usage in a training step (params are arguments, the guidance object is static):
 
@@ -37,151 +40,24 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import logging
 import os
-import pathlib
-import warnings
 from typing import Any, Mapping, Sequence
 
-import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
-import safetensors.numpy
 
 from dreamfusion_jax.guidance import sds
-from dreamfusion_jax.guidance import weight_conversion
+from dreamfusion_jax.guidance.pipeline_dir import (DEFAULT_MODEL, DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS,
+                                                   ModelNotFoundError, is_pixel_space, load_params, read_json,
+                                                   resolve_model_dir)
 from dreamfusion_jax.guidance.prompts import PromptEmbeddings, make_prompt_embeddings, select_embeddings
-
-
-class _DropFlaxDeprecation(logging.Filter):
-  """diffusers 0.3x / transformers 4.x log "Flax classes are deprecated" from every
-  Flax module's setup(), i.e. dozens of times per trace. We pin both below the
-  versions that drop Flax (setup.py), so the message carries no news for us."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    return "classes are deprecated" not in record.getMessage()
-
-
-def _silence_flax_deprecations() -> None:
-  import diffusers.utils.logging  # pylint: disable=g-import-not-at-top
-  import transformers.utils.logging  # pylint: disable=g-import-not-at-top
-
-  drop = _DropFlaxDeprecation()
-  for lib in (diffusers.utils.logging, transformers.utils.logging):
-    root = lib.get_logger()  # the library's root logger; children propagate to its handlers
-    root.addFilter(drop)
-    for handler in root.handlers:
-      handler.addFilter(drop)
-
-
-with warnings.catch_warnings():
-  warnings.simplefilter("ignore", FutureWarning)
-  warnings.simplefilter("ignore", DeprecationWarning)
-  _silence_flax_deprecations()
-  from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel  # pylint: disable=g-import-not-at-top
-  from transformers import CLIPTextConfig, CLIPTokenizer, FlaxCLIPTextModel  # pylint: disable=g-import-not-at-top
+from dreamfusion_jax.guidance.sd_models import (DTYPES, CLIPTokenizer, FlaxAutoencoderKL, FlaxCLIPTextModel,
+                                                FlaxUNet2DConditionModel, load_tokenizer, text_encoder_from_config,
+                                                unet_from_config, vae_from_config)
 
 Array = jax.Array
 Params = Mapping[str, Any]
-
-DEFAULT_MODEL = "stabilityai/stable-diffusion-2-1-base"
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-# Weight files we can read, in order of preference, per component kind.
-_DIFFUSERS_WEIGHTS = ("diffusion_flax_model.msgpack", "diffusion_pytorch_model.safetensors",
-                      "diffusion_pytorch_model.safetensors.index.json",
-                      "diffusion_pytorch_model.fp16.safetensors")
-_TRANSFORMERS_WEIGHTS = ("flax_model.msgpack", "model.safetensors", "model.safetensors.index.json",
-                         "model.fp16.safetensors")
-_LAYOUT = {
-    "unet": (("config.json",), _DIFFUSERS_WEIGHTS),
-    "vae": (("config.json",), _DIFFUSERS_WEIGHTS),
-    "text_encoder": (("config.json",), _TRANSFORMERS_WEIGHTS),
-    "tokenizer": (("vocab.json", "merges.txt"), ()),
-    "scheduler": (("scheduler_config.json",), ()),
-}
-_HUB_PATTERNS = ["model_index.json", "*/config.json", "scheduler/*", "tokenizer/*",
-                 "*/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"]
-
-
-class ModelNotFoundError(FileNotFoundError):
-  """The Stable Diffusion checkpoint is not on this machine (nothing is downloaded)."""
-
-
-def _not_found(model: str, reason: str) -> ModelNotFoundError:
-  return ModelNotFoundError(
-      f"Stable Diffusion model {model!r} is not available: {reason}.\n"
-      "Provide it in one of these ways:\n"
-      f"  * download it (on a machine with network access):\n"
-      f"      huggingface-cli download {model if model.count('/') == 1 else DEFAULT_MODEL} "
-      "--include 'unet/*' 'vae/*' 'text_encoder/*' 'tokenizer/*' 'scheduler/*' --local-dir DIR\n"
-      "    and run with --config.guidance.model=DIR (a local directory in the diffusers layout:\n"
-      "    unet/, vae/, text_encoder/, tokenizer/, scheduler/);\n"
-      "  * or put the hub snapshot in the Hugging Face cache (HF_HOME) and pass its hub id;\n"
-      "  * or train against the embedded toy prior: --config=configs/toy.py.")
-
-
-def _looks_like_hub_id(model: str) -> bool:
-  parts = model.split("/")
-  return (len(parts) == 2 and all(parts) and not model.startswith((".", "~"))
-          and not os.path.isabs(model))
-
-
-def is_pixel_space(root: pathlib.Path) -> bool:
-  """A pixel-space diffusion model (like the embedded toy prior, or Imagen's base
-  model): its model_index.json lists no VAE, and the UNet denoises RGB directly."""
-  index = root / "model_index.json"
-  return index.is_file() and "vae" not in _read_json(index)
-
-
-def _missing_files(root: pathlib.Path) -> list[str]:
-  missing = []
-  pixel_space = is_pixel_space(root)
-  for folder, (required, weights) in _LAYOUT.items():
-    if folder == "vae" and pixel_space:
-      continue
-    for name in required:
-      if not (root / folder / name).is_file():
-        missing.append(f"{folder}/{name}")
-    if weights and not any((root / folder / w).is_file() for w in weights):
-      missing.append(f"{folder}/{{{' | '.join(weights)}}}")
-  return missing
-
-
-def resolve_model_dir(model: str, *, local_files_only: bool = True,
-                      cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
-  """The local directory of a checkpoint given as a directory or a hub id.
-
-  A hub id is looked up in the Hugging Face cache only (`local_files_only`), so an
-  offline machine fails at once instead of waiting on the network.
-
-  Raises:
-    ModelNotFoundError: no such directory, the id is not cached, or files are missing.
-  """
-  path = pathlib.Path(model).expanduser()
-  if path.is_dir():
-    root = path
-  elif not _looks_like_hub_id(model):
-    raise _not_found(model, f"there is no directory {str(path)!r}")
-  else:
-    import huggingface_hub  # pylint: disable=g-import-not-at-top
-    from huggingface_hub import errors as hf_errors  # pylint: disable=g-import-not-at-top
-
-    try:
-      root = pathlib.Path(huggingface_hub.snapshot_download(
-          model, local_files_only=local_files_only, cache_dir=cache_dir,
-          allow_patterns=None if local_files_only else _HUB_PATTERNS))
-    except (hf_errors.LocalEntryNotFoundError, hf_errors.HfHubHTTPError, hf_errors.HFValidationError,
-            OSError, ValueError) as e:
-      where = "the local Hugging Face cache" if local_files_only else "the hub"
-      raise _not_found(model, f"it is not a local directory and not in {where} "
-                       f"({type(e).__name__})") from None
-  missing = _missing_files(root)
-  if missing:
-    raise _not_found(model, f"{root} lacks " + ", ".join(missing))
-  return root
 
 
 @dataclasses.dataclass(frozen=True)
@@ -459,93 +335,8 @@ def sds_loss(params: Params, images: Array, cond_emb: Array, uncond_emb: Array, 
   return latent_sds_loss(guidance, params, latents, cond_emb, uncond_emb, t, noise)
 
 
-# ----------------------------------------------------------------------------- loading
-
-
-def _read_json(path: pathlib.Path) -> dict:
-  with open(path) as f:
-    return json.load(f)
-
-
-def _read_weights(folder: pathlib.Path, candidates: Sequence[str]) -> tuple[str, Any, pathlib.Path]:
-  """("flax", nested dict) or ("pytorch", flat state dict), from the first file present."""
-  for name in candidates:
-    path = folder / name
-    if not path.is_file():
-      continue
-    if name.endswith(".msgpack"):
-      return "flax", flax.serialization.msgpack_restore(path.read_bytes()), path
-    if name.endswith(".index.json"):  # sharded safetensors
-      shards = sorted(set(_read_json(path)["weight_map"].values()))
-      state = {}
-      for shard in shards:
-        state.update(safetensors.numpy.load_file(folder / shard))
-      return "pytorch", state, path
-    return "pytorch", safetensors.numpy.load_file(path), path
-  raise FileNotFoundError(f"none of {candidates} in {folder}")  # _missing_files checked already
-
-
-def _to_dtype(tree, dtype) -> Any:
-  """Floating leaves to `dtype`, in numpy: one transfer to the device afterwards."""
-
-  def cast(a):
-    a = np.asarray(a)
-    return a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
-
-  return jax.tree.map(cast, tree)
-
-
-def _load_params(folder: pathlib.Path, candidates: Sequence[str], shapes: Params, dtype) -> Params:
-  """Weights of one component, checked against the param shapes of its module."""
-  layout, tensors, path = _read_weights(folder, candidates)
-  if layout == "flax":
-    weight_conversion.check_tree_matches(tensors, shapes, name=str(path))
-    params = tensors
-  else:
-    params = weight_conversion.pytorch_to_flax(tensors, shapes, name=str(path))
-  return _to_dtype(params, dtype)
-
-
-def _flax_fields(cls, config: Mapping[str, Any]) -> dict[str, Any]:
-  """The entries of a diffusers config that the Flax class takes. PyTorch configs
-  carry more (act_fn, norm_eps, upcast_attention, ...) that the Flax classes do not
-  implement; diffusers would log each one on every load."""
-  names = {f.name for f in dataclasses.fields(cls)} - {"dtype", "parent", "name"}
-  return {k: v for k, v in config.items() if k in names}
-
-
-# PyTorch UNet options that diffusers' Flax UNet does not read, with the values it
-# silently assumes (it hard-codes GroupNorm(32 groups), for one). A checkpoint with
-# other values would load and compute something else.
-_FLAX_UNET_ASSUMES = {
-    "norm_num_groups": 32, "norm_eps": 1e-5, "act_fn": "silu", "center_input_sample": False,
-    "resnet_time_scale_shift": "default", "time_embedding_type": "positional", "class_embed_type": None,
-    "num_class_embeds": None, "encoder_hid_dim": None, "time_cond_proj_dim": None, "conv_in_kernel": 3,
-    "conv_out_kernel": 3, "mid_block_scale_factor": 1, "downsample_padding": 1, "dual_cross_attention": False,
-}
-
-
-def unet_from_config(config: Mapping[str, Any], dtype=jnp.float32) -> tuple[FlaxUNet2DConditionModel, Params]:
-  """The UNet module of a diffusers config and its param shapes (nothing computed)."""
-  unsupported = {k: config[k] for k, v in _FLAX_UNET_ASSUMES.items() if config.get(k, v) != v}
-  if unsupported:
-    raise ValueError(f"diffusers' Flax UNet cannot run this UNet config: it implements "
-                     f"{ {k: _FLAX_UNET_ASSUMES[k] for k in unsupported} }, the config has {unsupported}")
-  unet = FlaxUNet2DConditionModel.from_config(_flax_fields(FlaxUNet2DConditionModel, config), dtype=dtype)
-  return unet, jax.eval_shape(unet.init_weights, jax.random.PRNGKey(0))
-
-
-def vae_from_config(config: Mapping[str, Any], dtype=jnp.float32) -> tuple[FlaxAutoencoderKL, Params]:
-  """The VAE module of a diffusers config and its param shapes."""
-  vae = FlaxAutoencoderKL.from_config(_flax_fields(FlaxAutoencoderKL, config), dtype=dtype)
-  return vae, jax.eval_shape(vae.init_weights, jax.random.PRNGKey(0))
-
-
-def text_encoder_from_config(config: Mapping[str, Any], dtype=jnp.float32) -> tuple[FlaxCLIPTextModel, Params]:
-  """The CLIP text model of a transformers config and its param shapes."""
-  cfg = CLIPTextConfig.from_dict({k: v for k, v in config.items() if not k.startswith("_")})
-  model = FlaxCLIPTextModel(cfg, dtype=dtype, _do_init=False)
-  return model, jax.eval_shape(lambda k: model.init_weights(k, (1, 1)), jax.random.PRNGKey(0))
+# ----------------------------------------------------------------------------- assembling a checkpoint
+# (its files: pipeline_dir.py; its Flax modules: sd_models.py)
 
 
 def _check_sizes(settings: SDSSettings, unet_config: Mapping[str, Any], vae_downsample: int) -> None:
@@ -591,12 +382,12 @@ def load_stable_diffusion(
   jdtype = DTYPES[dtype]
   root = resolve_model_dir(model, local_files_only=local_files_only, cache_dir=cache_dir)
 
-  unet_config = _read_json(root / "unet" / "config.json")
+  unet_config = read_json(root / "unet" / "config.json")
   pixel_space = is_pixel_space(root)
   # A pixel-space model's "latents" are the images in [-1, 1]: no VAE, no scaling.
   vae_config = ({"block_out_channels": (0,), "latent_channels": unet_config.get("in_channels", 3),
-                 "scaling_factor": 1.0} if pixel_space else _read_json(root / "vae" / "config.json"))
-  scheduler = _read_json(root / "scheduler" / "scheduler_config.json")
+                 "scaling_factor": 1.0} if pixel_space else read_json(root / "vae" / "config.json"))
+  scheduler = read_json(root / "scheduler" / "scheduler_config.json")
   vae_downsample = 2 ** (len(vae_config.get("block_out_channels", (64,))) - 1)
   _check_sizes(settings, unet_config, vae_downsample)
   prediction_type = scheduler.get("prediction_type", "epsilon")
@@ -611,12 +402,12 @@ def load_stable_diffusion(
 
   unet, unet_shapes = unet_from_config(unet_config, jdtype)
   vae, vae_shapes = (None, {}) if pixel_space else vae_from_config(vae_config, jdtype)
-  text_encoder, text_shapes = text_encoder_from_config(_read_json(root / "text_encoder" / "config.json"), jdtype)
-  tokenizer = CLIPTokenizer.from_pretrained(str(root / "tokenizer"), local_files_only=True)
+  text_encoder, text_shapes = text_encoder_from_config(read_json(root / "text_encoder" / "config.json"), jdtype)
+  tokenizer = load_tokenizer(root / "tokenizer")
   params = {
-      "unet": _load_params(root / "unet", _DIFFUSERS_WEIGHTS, unet_shapes, jdtype),
-      "vae": {} if pixel_space else _load_params(root / "vae", _DIFFUSERS_WEIGHTS, vae_shapes, jdtype),
-      "text_encoder": _load_params(root / "text_encoder", _TRANSFORMERS_WEIGHTS, text_shapes, jdtype),
+      "unet": load_params(root / "unet", DIFFUSERS_WEIGHTS, unet_shapes, jdtype),
+      "vae": {} if pixel_space else load_params(root / "vae", DIFFUSERS_WEIGHTS, vae_shapes, jdtype),
+      "text_encoder": load_params(root / "text_encoder", TRANSFORMERS_WEIGHTS, text_shapes, jdtype),
       # The schedule stays float32 even with bfloat16 weights: 1 - alpha_bar near t=0
       # would round to 0 in bfloat16.
       "alphas_cumprod": alphas_cumprod,
@@ -655,7 +446,7 @@ def from_config(cfg, **kwargs) -> tuple[StableDiffusionGuidance, dict[str, Any]]
 
 
 __all__ = [
-    "DEFAULT_MODEL", "ModelNotFoundError", "PromptEmbeddings", "SDSSettings", "StableDiffusionGuidance",
+    "DEFAULT_MODEL", "DTYPES", "ModelNotFoundError", "PromptEmbeddings", "SDSSettings", "StableDiffusionGuidance",
     "decode_latents", "encode_images", "from_config", "guided_noise", "latent_sds_loss",
     "load_stable_diffusion", "make_prompt_embeddings", "predict_noise", "resolve_model_dir", "sds_loss",
     "select_embeddings", "settings_from_config", "text_encoder_from_config", "unet_from_config",

@@ -13,26 +13,22 @@ Design constraints:
     norm_num_groups: the UNet channels are multiples of 32 with norm_num_groups=32
     so both agree (the parity tests compare them).
   * The weights are filled from the modules' `jax.eval_shape` param trees with
-    numpy, skipping the ~20 s compile of a Flax init on a small CPU.
-  * The tokenizer is a real CLIP BPE tokenizer over the 256 byte symbols, without
-    merges: every prompt tokenizes (one token per character), different prompts
-    give different ids.
+    numpy (sd_models.random_params), skipping the ~20 s compile of a Flax init on a
+    small CPU.
+  * The tokenizer is char_tokenizer.py's: a real CLIP BPE tokenizer over the 256
+    byte symbols, without merges.
+
+The writing itself is pipeline_dir.write_pipeline_dir (the embedded toy prior is
+written by it too); this module only holds the tiny configs and defaults.
 """
 
 from __future__ import annotations
 
-import json
+import os
 import pathlib
 from typing import Any, Mapping
 
-import flax.serialization
-import jax
-import numpy as np
-import safetensors.numpy
-from flax import traverse_util
-
-from dreamfusion_jax.guidance import stable_diffusion
-from dreamfusion_jax.guidance import weight_conversion
+from dreamfusion_jax.guidance import char_tokenizer, pipeline_dir, sd_models
 
 TINY_IMAGE_SIZE = 32  # VAE input size; latents are TINY_IMAGE_SIZE / 2 = 16 pixels wide
 TINY_MAX_LENGTH = 77  # tokens per prompt, as in Stable Diffusion
@@ -74,32 +70,9 @@ TINY_SCHEDULER_CONFIG = {  # Stable Diffusion's DDPM schedule
     "steps_offset": 1,
 }
 
-_BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
-
-
-def _bytes_to_unicode() -> list[str]:
-  """GPT-2/CLIP's printable stand-ins for the 256 byte values, in byte order."""
-  printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
-      range(ord("®"), ord("ÿ") + 1))
-  chars, extra = [], 0
-  for b in range(256):
-    if b in printable:
-      chars.append(chr(b))
-    else:
-      chars.append(chr(256 + extra))
-      extra += 1
-  return chars
-
-
-def tiny_vocab() -> dict[str, int]:
-  """CLIP's vocabulary layout without merges: bytes, bytes + "</w>", then specials."""
-  symbols = _bytes_to_unicode()
-  tokens = symbols + [s + "</w>" for s in symbols] + [_BOS, _EOS]
-  return {t: i for i, t in enumerate(tokens)}
-
 
 def tiny_text_encoder_config() -> dict[str, Any]:
-  vocab_size = len(tiny_vocab())
+  vocab_size = char_tokenizer.vocab_size()
   return {
       "architectures": ["CLIPTextModel"],
       "model_type": "clip_text_model",
@@ -118,112 +91,30 @@ def tiny_text_encoder_config() -> dict[str, Any]:
   }
 
 
-def random_params(shapes: Mapping, seed: int) -> dict:
-  """Random weights for a param-shape tree: fan-in-scaled kernels, norm scales near
-  1, small biases and embeddings, so activations stay O(1) through the layers.
-
-  Args:
-    shapes: nested dict of leaves with `.shape` (jax.eval_shape of an init).
-
-  Returns:
-    Nested dict of float32 numpy arrays of those shapes.
-  """
-  rng = np.random.default_rng(seed)
-  flat = {}
-  for path, leaf in sorted(traverse_util.flatten_dict(dict(shapes)).items()):
-    shape = tuple(leaf.shape)
-    z = rng.standard_normal(shape).astype(np.float32)
-    if path[-1] == "kernel":
-      flat[path] = z / np.sqrt(np.prod(shape[:-1]))
-    elif path[-1] == "scale":
-      flat[path] = 1.0 + 0.1 * z
-    elif path[-1] == "embedding":
-      flat[path] = 0.5 * z
-    else:
-      flat[path] = 0.1 * z
-    flat[path] = flat[path].astype(np.float32)
-  return traverse_util.unflatten_dict(flat)
-
-
 def tiny_params(seed: int = 0) -> dict[str, dict]:
   """Random params {"unet", "vae", "text_encoder"} (numpy) for the tiny configs."""
-  _, unet_shapes = stable_diffusion.unet_from_config(TINY_UNET_CONFIG)
-  _, vae_shapes = stable_diffusion.vae_from_config(TINY_VAE_CONFIG)
-  _, text_shapes = stable_diffusion.text_encoder_from_config(tiny_text_encoder_config())
-  return {"unet": random_params(unet_shapes, seed), "vae": random_params(vae_shapes, seed + 1),
-          "text_encoder": random_params(text_shapes, seed + 2)}
+  _, unet_shapes = sd_models.unet_from_config(TINY_UNET_CONFIG)
+  _, vae_shapes = sd_models.vae_from_config(TINY_VAE_CONFIG)
+  _, text_shapes = sd_models.text_encoder_from_config(tiny_text_encoder_config())
+  return {"unet": sd_models.random_params(unet_shapes, seed), "vae": sd_models.random_params(vae_shapes, seed + 1),
+          "text_encoder": sd_models.random_params(text_shapes, seed + 2)}
 
 
-def _write_json(path: pathlib.Path, obj: Mapping) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(obj, indent=2, sort_keys=True))
+def write_tokenizer(folder: str | os.PathLike, max_length: int = TINY_MAX_LENGTH) -> None:
+  """The character-level CLIPTokenizer directory (char_tokenizer.py) at the tiny length."""
+  char_tokenizer.write_tokenizer(folder, max_length=max_length)
 
 
-def write_tokenizer(folder: pathlib.Path, max_length: int = TINY_MAX_LENGTH) -> None:
-  """A CLIPTokenizer directory (vocab.json, merges.txt, configs) for tiny_vocab()."""
-  folder.mkdir(parents=True, exist_ok=True)
-  _write_json(folder / "vocab.json", tiny_vocab())
-  (folder / "merges.txt").write_text("#version: 0.2\n")
-  special = {"bos_token": _BOS, "eos_token": _EOS, "unk_token": _EOS, "pad_token": _EOS}
-  _write_json(folder / "special_tokens_map.json", special)
-  _write_json(folder / "tokenizer_config.json",
-              {"tokenizer_class": "CLIPTokenizer", "model_max_length": max_length, **special})
-
-
-def write_pipeline_dir(path: str | pathlib.Path, params: Mapping[str, Mapping], *, fmt: str = "flax",
-                       unet_config: Mapping = TINY_UNET_CONFIG, vae_config: Mapping = TINY_VAE_CONFIG,
+def write_pipeline_dir(path: str | os.PathLike, params: Mapping[str, Mapping], *, fmt: str = "flax",
+                       unet_config: Mapping = TINY_UNET_CONFIG, vae_config: Mapping | None = TINY_VAE_CONFIG,
                        text_encoder_config: Mapping | None = None,
                        scheduler_config: Mapping = TINY_SCHEDULER_CONFIG,
                        max_length: int = TINY_MAX_LENGTH) -> pathlib.Path:
-  """Writes params and configs in the diffusers layout.
-
-  Args:
-    path: the directory to create (unet/, vae/, text_encoder/, tokenizer/, scheduler/).
-    params: {"unet", "vae", "text_encoder"} Flax param trees ("vae" unused when
-      vae_config is None: a pixel-space model, whose model_index.json lists no VAE).
-    fmt: "flax" (diffusion_flax_model.msgpack / flax_model.msgpack, as the Flax
-      classes' save_pretrained writes them) or "safetensors" (PyTorch names and
-      layouts: diffusion_pytorch_model.safetensors / model.safetensors).
-
-  Returns:
-    The directory.
-  """
-  if fmt not in ("flax", "safetensors"):
-    raise ValueError(f"fmt={fmt!r}; known: 'flax', 'safetensors'")
-  root = pathlib.Path(path)
-  text_encoder_config = text_encoder_config or tiny_text_encoder_config()
-  prefix = "Flax" if fmt == "flax" else ""
-  components = {
-      "unet": ({"_class_name": f"{prefix}UNet2DConditionModel", **unet_config}, "diffusion"),
-      "text_encoder": (dict(text_encoder_config), "transformers"),
-  }
-  if vae_config is not None:
-    components["vae"] = ({"_class_name": f"{prefix}AutoencoderKL", **vae_config}, "diffusion")
-  for name, (config, library) in components.items():
-    folder = root / name
-    _write_json(folder / "config.json", config)
-    tree = jax.tree.map(np.asarray, dict(params[name]))
-    if fmt == "flax":
-      file = "diffusion_flax_model.msgpack" if library == "diffusion" else "flax_model.msgpack"
-      (folder / file).write_bytes(flax.serialization.to_bytes(tree))
-    else:
-      file = "diffusion_pytorch_model.safetensors" if library == "diffusion" else "model.safetensors"
-      safetensors.numpy.save_file(weight_conversion.flax_to_pytorch(tree), str(folder / file),
-                                  metadata={"format": "pt"})
-  write_tokenizer(root / "tokenizer", max_length)
-  _write_json(root / "scheduler" / "scheduler_config.json", scheduler_config)
-  index = {
-      "_class_name": f"{prefix}StableDiffusionPipeline",
-      "unet": ["diffusers", f"{prefix}UNet2DConditionModel"],
-      "vae": ["diffusers", f"{prefix}AutoencoderKL"],
-      "text_encoder": ["transformers", f"{prefix}CLIPTextModel"],
-      "tokenizer": ["transformers", "CLIPTokenizer"],
-      "scheduler": ["diffusers", f"{prefix}DDIMScheduler"],
-  }
-  if vae_config is None:
-    del index["vae"]
-  _write_json(root / "model_index.json", index)
-  return root
+  """pipeline_dir.write_pipeline_dir with the tiny configs as defaults."""
+  return pipeline_dir.write_pipeline_dir(
+      path, params, fmt=fmt, unet_config=unet_config, vae_config=vae_config,
+      text_encoder_config=text_encoder_config or tiny_text_encoder_config(), scheduler_config=scheduler_config,
+      max_length=max_length)
 
 
 def build_tiny_pipeline_dir(path: str | pathlib.Path, *, fmt: str = "flax", seed: int = 0) -> pathlib.Path:
