@@ -337,12 +337,9 @@ def measure_components(parts: StepParts, *, repeats: int, remat: bool = False,
   log("render fwd+bwd")
   fn, args = render_fwd_bwd_fn(parts, remat=remat)
   results["render_fwd_bwd"] = measure("render_fwd_bwd", fn, args, repeats=repeats)
-  if parts.guidance.settings.latent_mode:
-    log("latent mode: no VAE")
-  else:
-    log("VAE encode fwd+bwd")
-    fn, args = vae_encode_fwd_bwd_fn(parts)
-    results["vae_encode_fwd_bwd"] = measure("vae_encode_fwd_bwd", fn, args, repeats=repeats, dtype=gdtype)
+  log("VAE encode fwd+bwd")
+  fn, args = vae_encode_fwd_bwd_fn(parts)
+  results["vae_encode_fwd_bwd"] = measure("vae_encode_fwd_bwd", fn, args, repeats=repeats, dtype=gdtype)
   log("UNet CFG fwd")
   fn, args = unet_cfg_fwd_fn(parts)
   results["unet_cfg_fwd"] = measure("unet_cfg_fwd", fn, args, repeats=repeats, dtype=gdtype)
@@ -554,9 +551,9 @@ def sd21_shaped_guidance(settings, *, dtype: str = "float32", seed: int = 0):
   from dreamfusion_jax.guidance import stable_diffusion as sd  # pylint: disable=g-import-not-at-top
   from transformers import CLIPTokenizer  # pylint: disable=g-import-not-at-top
 
-  if settings.image_size % 64 or settings.latent_mode:
-    raise ValueError(f"SD-2.1-base shapes need image_size a multiple of 64 (VAE x UNet downsampling) and no "
-                     f"latent mode; got {settings.image_size}, latent_mode={settings.latent_mode}")
+  if settings.image_size % 64:
+    raise ValueError(f"SD-2.1-base shapes need image_size a multiple of 64 (VAE x UNet downsampling); "
+                     f"got {settings.image_size}")
   jdtype = sd.DTYPES[dtype]
   unet, unet_shapes = sd.unet_from_config(SD21_UNET_CONFIG, jdtype)
   vae, vae_shapes = sd.vae_from_config(SD21_VAE_CONFIG, jdtype)
@@ -712,9 +709,9 @@ def run_benchmark(
   tmp = None
   model_dir = None
   if sd21_shapes:
-    if config.guidance.image_size % 64 or config.guidance.latent_mode:
+    if config.guidance.image_size % 64:
       raise train.ConfigError(f"--sd21_shapes needs config.guidance.image_size a multiple of 64 (VAE x UNet "
-                              f"downsampling) and no latent mode, got {config.guidance.image_size}: use "
+                              f"downsampling), got {config.guidance.image_size}: use "
                               "--config=configs/dreamfusion.py (512)")
     log("building SD-2.1-base-shaped models with random weights")
     guidance_and_params = sd21_shaped_guidance(sd.settings_from_config(config.guidance), dtype=config.guidance.dtype)
