@@ -119,9 +119,9 @@ class TorchField(torch.nn.Module):
       h = positional_encoding(flat / d.bound, d.num_frequencies)
     out = _mlp(h, list(zip(self.kernels, self.biases)))
     sq = (flat**2).sum(dim=-1)
-    if d.blob_kind == "linear":
+    if d.blob_kind == "magic3d":
       blob = d.blob_strength * (1.0 - torch.sqrt(sq + 1e-12) / d.blob_radius)
-    elif d.blob_kind == "gaussian":
+    elif d.blob_kind == "dreamfusion":
       blob = d.blob_strength * torch.exp(-0.5 * sq / d.blob_radius**2)
     else:
       blob = torch.zeros_like(sq)
@@ -268,8 +268,6 @@ class TorchReference:
     g, r = config.guidance, config.render
     if r.num_importance_samples:
       raise NotImplementedError("the PyTorch reference renders without importance samples")
-    if g.latent_mode:
-      raise NotImplementedError("the PyTorch reference has no latent mode")
     self.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[g.dtype]
     if model_dir is not None:
       root = pathlib.Path(model_dir)
@@ -375,7 +373,8 @@ class TorchReference:
     f = self.config.field
     if f.encoding != "hashgrid" or f.progressive_start_levels >= f.num_levels:
       return None
-    active = f.progressive_start_levels + self.step_count // f.progressive_update_every
+    waited = max(self.step_count - f.progressive_start_step, 0)
+    active = f.progressive_start_levels + waited // f.progressive_update_every
     return (torch.arange(f.num_levels) < active).float()
 
   def render(self, views: dict) -> dict:

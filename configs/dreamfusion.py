@@ -32,7 +32,11 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   g.weighting = "sds"  # w(t): see dreamfusion_jax.guidance.sds
   g.grad_clip = 0.0  # clip |w(t)(eps_hat - eps)| elementwise; 0 disables
   g.image_size = 512  # rendered images are resized to this before the VAE
-  g.latent_mode = False  # render 4 latent channels at 64x64 and skip the VAE
+  # Encode renders to a sample of the VAE posterior (threestudio, stable-dreamfusion)
+  # instead of its mean (False). The SD VAE's posterior std is small, so the two differ
+  # little; the mean keeps a step deterministic given t and the noise. No effect on a
+  # pixel-space prior (the toy prior has no VAE).
+  g.sample_posterior = False
 
   # Rendering of training views.
   r = c.render = ml_collections.ConfigDict()
@@ -50,7 +54,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
 
   cam = c.cameras = ml_collections.ConfigDict()
   cam.radius_range = (1.0, 1.5)
-  cam.elevation_range_deg = (-10.0, 45.0)
+  # DreamFusion (appendix A) and threestudio sample elevations in [-10, 90]; above
+  # overhead_threshold_deg the prompt says "overhead view". 90 is allowed: look_at takes
+  # the limit of the frame there (cameras.look_at's fallback_up).
+  cam.elevation_range_deg = (-10.0, 90.0)
   cam.azimuth_range_deg = (-180.0, 180.0)
   cam.fovy_range_deg = (40.0, 70.0)
   cam.camera_perturb = 0.1
@@ -78,12 +85,25 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   f.num_frequencies = 6  # positional encoding only
   f.hidden_dim = 64
   f.num_layers = 2
-  f.density_activation = "softplus"  # or "exp"
-  # DreamFusion's blob 5 (1 - |x| / 0.5): dense inside, clear (negative bias) outside.
-  f.blob_kind = "linear"  # "linear" (DreamFusion), "gaussian" (Magic3D) or "none"
-  f.blob_strength = 5.0
+  # Density blob added before the activation (fields.BLOB_SOURCES), named after its source:
+  #   "dreamfusion": 5 exp(-|x|^2 / (2 0.2^2)) with exp density (DreamFusion, stable-dreamfusion);
+  #   "magic3d":     10 (1 - |x| / 0.5) with softplus density (Magic3D, threestudio);
+  #   "none".
+  # Default: Magic3D's, at its own strength, radius and activation, as threestudio's
+  # dreamfusion-sd config does ("the density initialization proposed in the DreamFusion
+  # paper does not work very well"): the bias is negative outside the radius, so empty
+  # space starts clear, while DreamFusion's Gaussian with exp leaves density ~1 (a fog)
+  # everywhere. Picking another kind means setting its strength, radius and activation too.
+  f.blob_kind = "magic3d"
+  f.blob_strength = 10.0
   f.blob_radius = 0.5
-  f.progressive_start_levels = 16  # < num_levels: coarse-to-fine hash grid
+  f.density_activation = "softplus"  # or "exp"
+  # Coarse-to-fine hash grid (threestudio's ProgressiveBandHashGrid): levels
+  # [0, start_levels + max(step - start_step, 0) // update_every) are on. start_levels
+  # >= num_levels: all levels from the start (the default). threestudio's dreamfusion-sd:
+  # start_levels 8, start_step 2000, update_every 500.
+  f.progressive_start_levels = 16
+  f.progressive_start_step = 0
   f.progressive_update_every = 500
 
   bg = c.background = ml_collections.ConfigDict()

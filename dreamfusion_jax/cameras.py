@@ -65,18 +65,51 @@ def _normalize(v: Array, eps: float = 1e-12) -> Array:
   return v / jnp.maximum(jnp.linalg.norm(v, axis=-1, keepdims=True), eps)
 
 
-def look_at(eye: Array, target: Array, up: Array) -> Array:
+def elevation_tangent(elevation_deg: Array, azimuth_deg: Array) -> Array:
+  """Unit vector along increasing elevation at a point of the sphere, +z up.
+
+  It is the d/d(elevation) of the unit position (cos el cos az, cos el sin az, sin el):
+  (-sin el cos az, -sin el sin az, cos el). For a camera on the sphere looking at the
+  origin it is the image-up vector that +z gives, and it stays defined at +-90 degrees,
+  where +z is parallel to the viewing direction.
+
+  Args:
+    elevation_deg, azimuth_deg: broadcastable arrays of shape (...).
+
+  Returns:
+    (..., 3) unit vectors.
+  """
+  el = jnp.deg2rad(elevation_deg)
+  az = jnp.deg2rad(azimuth_deg)
+  return jnp.stack([-jnp.sin(el) * jnp.cos(az), -jnp.sin(el) * jnp.sin(az), jnp.cos(el) * jnp.ones_like(az)],
+                   axis=-1)
+
+
+# Below this |forward x up| (unit forward, up of about unit length) the up vector is
+# taken as parallel to the viewing direction; float32 directions at 89.99 degrees of
+# elevation still give ~2e-4, far above it.
+_PARALLEL_EPS = 1e-6
+
+
+def look_at(eye: Array, target: Array, up: Array, *, fallback_up: Array | None = None) -> Array:
   """Camera-to-world rotation of a camera at `eye` looking at `target`.
 
   Args:
-    eye, target, up: (..., 3). `up` need not be orthogonal to the viewing direction,
-      only not parallel to it.
+    eye, target, up: (..., 3). `up` need not be orthogonal to the viewing direction.
+    fallback_up: (..., 3) used where `up` is (nearly) parallel to the viewing
+      direction, e.g. a camera straight above the object with +z up; it must not be
+      parallel itself. Default: the world axis least aligned with the viewing direction.
+      `elevation_tangent` of the camera's angles gives the limit of the +z frame.
 
   Returns:
     (..., 3, 3) rotation with columns (right, up, backward), OpenGL style.
   """
   forward = _normalize(target - eye)
-  right = _normalize(jnp.cross(forward, up))
+  right = jnp.cross(forward, up)
+  if fallback_up is None:
+    fallback_up = jnp.eye(3, dtype=forward.dtype)[jnp.argmin(jnp.abs(forward), axis=-1)]
+  parallel = jnp.linalg.norm(right, axis=-1, keepdims=True) < _PARALLEL_EPS
+  right = _normalize(jnp.where(parallel, jnp.cross(forward, fallback_up), right))
   true_up = jnp.cross(right, forward)
   return jnp.stack([right, true_up, -forward], axis=-1)
 
@@ -91,7 +124,7 @@ def sample_cameras(
     batch_size: int,
     *,
     radius_range: Sequence[float] = (1.0, 1.5),
-    elevation_range_deg: Sequence[float] = (-10.0, 45.0),
+    elevation_range_deg: Sequence[float] = (-10.0, 90.0),
     azimuth_range_deg: Sequence[float] = (-180.0, 180.0),
     fovy_range_deg: Sequence[float] = (40.0, 70.0),
     camera_perturb: float = 0.1,
@@ -132,7 +165,7 @@ def sample_cameras(
   up = jnp.array([0.0, 0.0, 1.0]) + up_perturb * jax.random.normal(keys[6], (b, 3))
   return Cameras(
       positions=positions,
-      c2w=look_at(positions, center, up),
+      c2w=look_at(positions, center, up, fallback_up=elevation_tangent(elevation, azimuth)),
       fovy_deg=fovy,
       azimuth_deg=azimuth,
       elevation_deg=elevation,
@@ -159,7 +192,7 @@ def orbit_cameras(
   up = jnp.broadcast_to(jnp.array([0.0, 0.0, 1.0]), positions.shape)
   return Cameras(
       positions=positions,
-      c2w=look_at(positions, jnp.zeros_like(positions), up),
+      c2w=look_at(positions, jnp.zeros_like(positions), up, fallback_up=elevation_tangent(elevation, azimuth)),
       fovy_deg=jnp.full((num_views,), fovy_deg, jnp.float32),
       azimuth_deg=azimuth,
       elevation_deg=elevation,

@@ -239,24 +239,29 @@ class HashGridEncoding(nn.Module):
 
 
 def progressive_level_mask(
-  step: jax.Array | int, *, num_levels: int, start_levels: int, update_every: int
+  step: jax.Array | int, *, num_levels: int, start_levels: int, update_every: int, start_step: int = 0
 ) -> jax.Array:
   """Coarse-to-fine level mask (Magic3D; threestudio's ProgressiveBandHashGrid).
 
-  Levels [0, start_levels + step // update_every) are on, the rest off, so the grid
-  first fits coarse shape and gains one finer level every `update_every` steps.
+  Levels [0, start_levels + max(step - start_step, 0) // update_every) are on, the
+  rest off: the grid fits coarse shape with `start_levels` levels until `start_step`,
+  then gains one finer level every `update_every` steps (threestudio's dreamfusion-sd:
+  start_levels 8, start_step 2000, update_every 500).
 
   Args:
     step: scalar int, may be traced (no recompilation as training advances).
     num_levels: L.
-    start_levels: levels on at step 0.
+    start_levels: levels on until `start_step`.
     update_every: steps between enabling successive levels, >= 1.
+    start_step: the step from which levels are added, >= 0.
   Returns:
     (L,) float32 of ones then zeros.
   """
   if update_every < 1:
     raise ValueError(f"update_every must be >= 1, got {update_every}.")
-  active = start_levels + jnp.asarray(step) // update_every
+  if start_step < 0:
+    raise ValueError(f"start_step must be >= 0, got {start_step}.")
+  active = start_levels + jnp.maximum(jnp.asarray(step) - start_step, 0) // update_every
   return (jnp.arange(num_levels) < active).astype(jnp.float32)
 
 

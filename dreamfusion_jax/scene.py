@@ -47,6 +47,7 @@ class Scene:
   settings: RenderSettings
   progressive_start_levels: int
   progressive_update_every: int
+  progressive_start_step: int
 
   def init(self, key: Array) -> dict:
     """Fresh parameters {"field": ..., "background": ...} (background {} if not an MLP)."""
@@ -63,7 +64,8 @@ class Scene:
       return None
     return encoding.progressive_level_mask(step, num_levels=cfg.num_levels,
                                            start_levels=self.progressive_start_levels,
-                                           update_every=self.progressive_update_every)
+                                           update_every=self.progressive_update_every,
+                                           start_step=self.progressive_start_step)
 
   def field_fn(self, params: dict, level_mask: Optional[Array] = None):
     """The field as a plain function positions (..., 3) -> (density, albedo)."""
@@ -77,6 +79,7 @@ class Scene:
 def build_scene(config: ml_collections.ConfigDict) -> Scene:
   """The scene described by `config.field`, `config.background` and `config.render`."""
   f = config.field
+  fields.check_blob_kind(f.blob_kind)  # before anything traces: one line naming the field
   field = fields.NeRFField(
       encoding=f.encoding,
       hash_grid=encoding.HashGridConfig(num_levels=f.num_levels, features_per_level=f.features_per_level,
@@ -98,7 +101,8 @@ def build_scene(config: ml_collections.ConfigDict) -> Scene:
                 if bg.kind == "mlp" else None)
   return Scene(field=field, background=background, settings=RenderSettings.from_config(config.render),
                progressive_start_levels=f.progressive_start_levels,
-               progressive_update_every=f.progressive_update_every)
+               progressive_update_every=f.progressive_update_every,
+               progressive_start_step=f.progressive_start_step)
 
 
 def render_views(

@@ -27,7 +27,7 @@ import numpy as np
 import optax
 
 from dreamfusion_jax import cameras as cameras_lib
-from dreamfusion_jax import distributed, errors, files, losses, render, runs
+from dreamfusion_jax import distributed, errors, fields, files, losses, render, runs
 from dreamfusion_jax.guidance import prompts as prompts_lib
 from dreamfusion_jax import scene as scene_lib
 from dreamfusion_jax.state import TrainState, create_train_state, make_optimizer  # noqa: F401 (the loop's state)
@@ -251,9 +251,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                "light_distance_range"):
     lo, hi = c[name]
     check(lo <= hi, f"config.cameras.{name} must be (low, high) with low <= high, got {tuple(c[name])}")
-  check(-90.0 < c.elevation_range_deg[0] and c.elevation_range_deg[1] < 90.0,
-        f"config.cameras.elevation_range_deg must lie inside (-90, 90) (the look-at up vector is +z), "
-        f"got {tuple(c.elevation_range_deg)}")
+  check(-90.0 <= c.elevation_range_deg[0] and c.elevation_range_deg[1] <= 90.0,
+        f"config.cameras.elevation_range_deg must lie in [-90, 90], got {tuple(c.elevation_range_deg)}")
+  f = config.field
+  check(f.blob_kind in fields.BLOB_KINDS,
+        f"config.field.blob_kind must be one of {', '.join(fields.BLOB_KINDS)}, got {f.blob_kind!r}")
+  check(f.progressive_start_step >= 0 and f.progressive_update_every >= 1,
+        f"config.field.progressive_start_step must be >= 0 and progressive_update_every >= 1, "
+        f"got {f.progressive_start_step}, {f.progressive_update_every}")
   check(0 < c.fovy_range_deg[0] and c.fovy_range_deg[1] < 180,
         f"config.cameras.fovy_range_deg must lie inside (0, 180), got {tuple(c.fovy_range_deg)}")
   check(c.radius_range[0] > 0, f"config.cameras.radius_range must be positive, got {tuple(c.radius_range)}")

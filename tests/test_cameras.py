@@ -109,3 +109,43 @@ def test_view_buckets(azimuth, elevation, expected):
 def test_view_bucket_thresholds_configurable():
   assert cameras.VIEW_BUCKETS[int(cameras.view_bucket(60.0, 0.0, front_threshold_deg=70.0))] == "front"
   assert cameras.VIEW_BUCKETS[int(cameras.view_bucket(0.0, 40.0, overhead_threshold_deg=30.0))] == "overhead"
+
+
+def _assert_rotations(c2w):
+  c2w = np.asarray(c2w, np.float64)
+  assert np.all(np.isfinite(c2w))
+  n = c2w.shape[0]
+  np.testing.assert_allclose(np.einsum("bji,bjk->bik", c2w, c2w), np.broadcast_to(np.eye(3), (n, 3, 3)), atol=1e-5)
+  np.testing.assert_allclose(np.linalg.det(c2w), np.ones(n), atol=1e-5)
+
+
+@pytest.mark.parametrize("elevation", [90.0, -90.0])
+def test_camera_straight_above_or_below_has_the_limit_frame(elevation):
+  """At +-90 degrees +z is parallel to the view: the frame is the limit of nearby elevations."""
+  azimuths = np.array([0.0, 90.0, -135.0, 170.0])
+  cams = [cameras.orbit_cameras(1, elevation_deg=elevation, radius=2.0, start_azimuth_deg=a) for a in azimuths]
+  c2w = jnp.concatenate([c.c2w for c in cams])
+  _assert_rotations(c2w)
+  s, az = np.sign(elevation), np.deg2rad(azimuths)
+  # Closed form of the limit el -> +-90 of the +z frame: right (-sin az, cos az, 0),
+  # up -s (cos az, sin az, 0), backward s (0, 0, 1).
+  np.testing.assert_allclose(c2w[:, :, 0], np.stack([-np.sin(az), np.cos(az), 0 * az], -1), atol=1e-5)
+  np.testing.assert_allclose(c2w[:, :, 1], -s * np.stack([np.cos(az), np.sin(az), 0 * az], -1), atol=1e-5)
+  np.testing.assert_allclose(c2w[:, :, 2], np.broadcast_to([0.0, 0.0, s], (4, 3)), atol=1e-5)
+  near = jnp.concatenate([cameras.orbit_cameras(1, elevation_deg=elevation - s * 0.05, radius=2.0,
+                                                 start_azimuth_deg=a).c2w for a in azimuths])
+  np.testing.assert_allclose(c2w, near, atol=2e-3)  # continuous: 0.05 degrees is ~1e-3 rad
+
+
+def test_look_at_parallel_up_falls_back_to_a_world_axis():
+  eye = jnp.array([[0.0, 0.0, 2.0], [0.0, 0.0, -3.0]])
+  c2w = cameras.look_at(eye, jnp.zeros_like(eye), jnp.broadcast_to(jnp.array([0.0, 0.0, 1.0]), eye.shape))
+  _assert_rotations(c2w)
+  np.testing.assert_allclose(-c2w[:, :, 2], [[0, 0, -1], [0, 0, 1]], atol=1e-6)  # still looks at the target
+
+
+def test_sampled_cameras_at_90_degrees_are_rotations():
+  cams = cameras.sample_cameras(jax.random.PRNGKey(0), 8, elevation_range_deg=(90.0, 90.0), camera_perturb=0.0,
+                                center_perturb=0.0, up_perturb=0.0)
+  _assert_rotations(cams.c2w)
+  np.testing.assert_allclose(cams.c2w[:, :, 2], np.broadcast_to([0.0, 0.0, 1.0], (8, 3)), atol=1e-5)

@@ -279,6 +279,31 @@ def test_progressive_level_mask(step, expected):
   np.testing.assert_array_equal(mask, expected)
 
 
+@pytest.mark.parametrize(
+  "step, expected",
+  [
+    (0, [1, 1, 0, 0, 0, 0]),
+    (99, [1, 1, 0, 0, 0, 0]),
+    (100, [1, 1, 0, 0, 0, 0]),  # start_step itself: the first update is update_every later
+    (109, [1, 1, 0, 0, 0, 0]),
+    (110, [1, 1, 1, 0, 0, 0]),
+    (125, [1, 1, 1, 1, 0, 0]),
+    (135, [1, 1, 1, 1, 1, 0]),
+    (10_000, [1, 1, 1, 1, 1, 1]),
+  ],
+)
+def test_progressive_level_mask_waits_for_start_step(step, expected):
+  # threestudio: min(start_level + max(step - start_step, 0) // update_steps, n_levels) levels.
+  mask_fn = jax.jit(lambda s: encoding.progressive_level_mask(s, num_levels=6, start_levels=2, update_every=10,
+                                                              start_step=100))
+  np.testing.assert_array_equal(mask_fn(jnp.int32(step)), expected)
+
+
+def test_progressive_level_mask_rejects_a_negative_start_step():
+  with pytest.raises(ValueError, match="start_step must be >= 0, got -1"):
+    encoding.progressive_level_mask(0, num_levels=6, start_levels=2, update_every=10, start_step=-1)
+
+
 # ------------------------------------------------------- positional encoding
 
 

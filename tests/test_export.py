@@ -432,7 +432,9 @@ def test_render_turntable_rejects_bad_layers_before_rendering(run, tmp_path):
 def test_end_of_training_mesh_uses_the_runs_threshold(run, tmp_path):
   config, scene, params, _ = run
   config = copy.deepcopy(config)
-  # The tiny config's blob peaks near density 5, under its threshold ln 2 * 16 / 2: empty.
+  # The tiny config's blob (Magic3D's, strength 10) peaks near density 10, under the
+  # threshold ln 2 * 32 / 2 = 11.1 of 32 samples per ray: empty.
+  config.render.num_samples = 32
   with pytest.raises(ValueError, match="no density above the threshold"):
     export.export_scene_mesh(config, scene, params, str(tmp_path / "empty.glb"), step=3, resolution=16)
   assert not os.path.exists(tmp_path / "empty.glb")

@@ -25,7 +25,7 @@ def test_untrained_render_png_shows_the_blob(tiny, tmp_path):
   grid = np.asarray(Image.open(path))
   assert grid.shape == (4 * 32, config.cameras.eval_num_views * 32, 3)
   opacity = grid[64:96, :32, 0].astype(np.float32) / 255  # third row: opacity of view 0
-  # The Gaussian blob makes the centre opaque and leaves the corners nearly empty.
+  # The blob (Magic3D's, the default) makes the centre opaque and leaves the corners nearly empty.
   assert opacity[14:18, 14:18].mean() > 0.9
   assert opacity[:3, :3].mean() < 0.1
 

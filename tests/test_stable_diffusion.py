@@ -217,11 +217,11 @@ def test_incomplete_directory_names_the_missing_files(dirs, tmp_path, no_model_b
 def test_from_config_reads_the_guidance_section(dirs):
   cfg = ml_collections.ConfigDict(dict(
       model=str(dirs["flax"]), dtype="float32", guidance_scale=20.0, weighting="uniform", grad_clip=0.0,
-      image_size=32, latent_mode=True, t_min=0.1, t_max=0.7, negative_prompt="blurry", view_dependent=False,
+      image_size=32, sample_posterior=True, t_min=0.1, t_max=0.7, negative_prompt="blurry", view_dependent=False,
       t_max_end=0.5, t_anneal_steps=100))
   guidance, params = sd.from_config(cfg)
   assert guidance.settings == sd.SDSSettings(guidance_scale=20.0, weighting="uniform", grad_clip=None,
-                                             image_size=32, latent_mode=True, t_min=0.1, t_max=0.7)
+                                             image_size=32, sample_posterior=True, t_min=0.1, t_max=0.7)
   assert set(params) == {"unet", "vae", "text_encoder", "alphas_cumprod"}
   with pytest.raises(ValueError, match="weighting"):  # validated before looking for the model
     sd.from_config(ml_collections.ConfigDict(dict(model="/nonexistent", weighting="sigma")))
@@ -354,18 +354,14 @@ def test_image_gradient_is_sds_gradient_through_the_vae_encoder(loaded, sds_case
   assert len(traces) == 1
 
 
-def test_latent_mode_skips_the_vae(loaded, sds_case):
+def test_latent_gradient_is_clipped_elementwise(loaded, sds_case):
   guidance, params = loaded
   c = sds_case
-  latent_guidance = dataclasses.replace(guidance, settings=dataclasses.replace(SETTINGS, latent_mode=True,
-                                                                               grad_clip=0.05))
-  key, t_range = jax.random.PRNGKey(5), jnp.array([0.02, 0.98])
-  got = jax.jit(jax.grad(lambda z, p: latent_guidance.loss(p, z, c["cond"], c["uncond"], key, t_range)[0]))(
-      c["latents"], params)
-  t, noise, _ = _replay_t_and_noise(guidance, key, t_range, c["latents"].shape)
-  eps_u, eps_c = c["predict"](sds.add_noise(params["alphas_cumprod"], c["latents"], noise, t), t)
-  w = (1.0 - params["alphas_cumprod"][t])[:, None, None, None]
-  want = np.clip(w * (eps_u + 7.5 * (eps_c - eps_u) - noise), -0.05, 0.05) / 2
+  clipped = dataclasses.replace(guidance, settings=dataclasses.replace(SETTINGS, grad_clip=0.05))
+  got = jax.jit(jax.grad(lambda z, p: sd.latent_sds_loss(clipped, p, z, c["cond"], c["uncond"], c["t"],
+                                                         c["noise"])[0]))(c["latents"], params)
+  w = (1.0 - params["alphas_cumprod"][c["t"]])[:, None, None, None]
+  want = np.clip(w * (c["eps_u"] + 7.5 * (c["eps_c"] - c["eps_u"]) - c["noise"]), -0.05, 0.05) / 2
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5)
   assert np.mean(np.abs(np.asarray(want)) == 0.025) > 0.01  # the clip was active
 

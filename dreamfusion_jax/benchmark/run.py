@@ -68,9 +68,9 @@ def run_benchmark(
   tmp = None
   model_dir = None
   if sd21_shapes:
-    if config.guidance.image_size % 64 or config.guidance.latent_mode:
+    if config.guidance.image_size % 64:
       raise train.ConfigError(f"--sd21_shapes needs config.guidance.image_size a multiple of 64 (VAE x UNet "
-                              f"downsampling) and no latent mode, got {config.guidance.image_size}: use "
+                              f"downsampling), got {config.guidance.image_size}: use "
                               "--config=configs/dreamfusion.py (512)")
     log("building SD-2.1-base-shaped models with random weights")
     guidance_and_params = sd21_shaped_guidance(sd.settings_from_config(config.guidance), dtype=config.guidance.dtype)

@@ -72,9 +72,9 @@ def sd21_shaped_guidance(settings, *, dtype: str = "float32", seed: int = 0):
   Returns:
     (guidance, params) as `load_stable_diffusion` returns them.
   """
-  if settings.image_size % 64 or settings.latent_mode:
-    raise ValueError(f"SD-2.1-base shapes need image_size a multiple of 64 (VAE x UNet downsampling) and no "
-                     f"latent mode; got {settings.image_size}, latent_mode={settings.latent_mode}")
+  if settings.image_size % 64:
+    raise ValueError(f"SD-2.1-base shapes need image_size a multiple of 64 (VAE x UNet downsampling); "
+                     f"got {settings.image_size}")
   jdtype = sd_models.DTYPES[dtype]
   unet, unet_shapes = sd_models.unet_from_config(SD21_UNET_CONFIG, jdtype)
   vae, vae_shapes = sd_models.vae_from_config(SD21_VAE_CONFIG, jdtype)

@@ -176,12 +176,9 @@ def measure_components(parts: StepParts, *, repeats: int, remat: bool = False,
   log("render fwd+bwd")
   fn, args = render_fwd_bwd_fn(parts, remat=remat)
   results["render_fwd_bwd"] = measure("render_fwd_bwd", fn, args, repeats=repeats)
-  if parts.guidance.settings.latent_mode:
-    log("latent mode: no VAE")
-  else:
-    log("VAE encode fwd+bwd")
-    fn, args = vae_encode_fwd_bwd_fn(parts)
-    results["vae_encode_fwd_bwd"] = measure("vae_encode_fwd_bwd", fn, args, repeats=repeats, dtype=gdtype)
+  log("VAE encode fwd+bwd")
+  fn, args = vae_encode_fwd_bwd_fn(parts)
+  results["vae_encode_fwd_bwd"] = measure("vae_encode_fwd_bwd", fn, args, repeats=repeats, dtype=gdtype)
   log("UNet CFG fwd")
   fn, args = unet_cfg_fwd_fn(parts)
   results["unet_cfg_fwd"] = measure("unet_cfg_fwd", fn, args, repeats=repeats, dtype=gdtype)

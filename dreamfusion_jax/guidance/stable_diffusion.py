@@ -29,7 +29,6 @@ Config fields (`config.guidance`, read by `from_config`; defaults in brackets):
   weighting        w(t): "sds" (1 - alpha_bar), "uniform", "fantasia3d" ["sds"].
   grad_clip        elementwise clip of the latent SDS gradient; 0 or None: off [None].
   image_size       VAE input size; renders are resized (bilinear) to it [512].
-  latent_mode      skip the VAE: renders are (B, h, w, 4) latents (Latent-NeRF) [False].
   sample_posterior encode to a sample of the VAE posterior instead of its mean [False].
   negative_prompt  the unconditional prompt [""] (used by make_prompt_embeddings).
   view_dependent   append ", front view" etc. per view bucket [True] (ditto).
@@ -68,7 +67,6 @@ class SDSSettings:
   weighting: str = "sds"
   grad_clip: float | None = None
   image_size: int = 512
-  latent_mode: bool = False
   sample_posterior: bool = False
   t_min: float = 0.02
   t_max: float = 0.98
@@ -292,14 +290,13 @@ def sds_loss(params: Params, images: Array, cond_emb: Array, uncond_emb: Array, 
   to `images` is the SDS gradient pushed back through the VAE encoder.
 
   Steps: resize to image_size, map to [-1, 1], VAE-encode (mean of the posterior, or
-  a sample), scale by the VAE scaling factor; or, with settings.latent_mode, take the
-  renders as the latents (resized to latent_size). Then t ~ U[t_min, t_max] T, noise,
+  a sample), scale by the VAE scaling factor. Then t ~ U[t_min, t_max] T, noise,
   one UNet call on the CFG-doubled batch, w(t) (eps_hat - eps) as the gradient.
 
   Args:
     params: the guidance params (frozen; an argument so the weights are not baked
       into the compiled step).
-    images: (B, H, W, 3) float32 in [0, 1], or (B, h, w, C) latents in latent mode.
+    images: (B, H, W, 3) float32 in [0, 1].
     cond_emb, uncond_emb: (B, L, D) text embeddings (prompts.select_embeddings).
     key: PRNG key for t, the noise and the posterior sample; or (B, 2) keys, one per
       image, so that an image's draws do not depend on the batch (the train step's
@@ -319,10 +316,7 @@ def sds_loss(params: Params, images: Array, cond_emb: Array, uncond_emb: Array, 
     k_t, k_noise, k_posterior = jnp.moveaxis(jax.vmap(lambda k: jax.random.split(k, 3))(key), 1, 0)
   else:
     k_t, k_noise, k_posterior = jax.random.split(key, 3)
-  if s.latent_mode:
-    latents = _resize(images.astype(jnp.float32), guidance.latent_size)
-  else:
-    latents = encode_images(guidance, params["vae"], images, k_posterior)
+  latents = encode_images(guidance, params["vae"], images, k_posterior)
   b = latents.shape[0]
   if per_image:
     # Each image's t and noise depend only on its own key, not on the batch it is in:
@@ -393,8 +387,6 @@ def load_stable_diffusion(
   prediction_type = scheduler.get("prediction_type", "epsilon")
   if prediction_type not in ("epsilon", "v_prediction"):
     raise ValueError(f"{root}/scheduler: prediction_type {prediction_type!r} is not supported")
-  if settings.latent_mode and unet_config.get("in_channels", 4) != vae_config.get("latent_channels", 4):
-    raise ValueError("latent_mode needs a UNet whose in_channels equal the VAE's latent_channels")
   alphas_cumprod = sds.ddpm_alphas_cumprod(
       beta_start=scheduler.get("beta_start", 0.0001), beta_end=scheduler.get("beta_end", 0.02),
       beta_schedule=scheduler.get("beta_schedule", "linear"),
@@ -430,7 +422,6 @@ def settings_from_config(cfg) -> SDSSettings:
       weighting=cfg.get("weighting", d.weighting),
       grad_clip=float(grad_clip) if grad_clip else None,
       image_size=int(cfg.get("image_size", d.image_size)),
-      latent_mode=bool(cfg.get("latent_mode", d.latent_mode)),
       sample_posterior=bool(cfg.get("sample_posterior", d.sample_posterior)),
       t_min=float(cfg.get("t_min", d.t_min)),
       t_max=float(cfg.get("t_max", d.t_max)),
