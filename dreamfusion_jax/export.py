@@ -33,7 +33,7 @@ import ml_collections
 import numpy as np
 import trimesh
 
-from dreamfusion_jax import files, images, runs
+from dreamfusion_jax import errors, files, images, runs
 from dreamfusion_jax import scene as scene_lib
 from dreamfusion_jax import texture as texture_lib
 
@@ -61,7 +61,7 @@ DEFAULT_MIN_COMPONENT_FRACTION = 0.05
 DEFAULT_TEXTURE_SIZE = 1024
 
 
-class ExportError(ValueError):
+class ExportError(errors.InputError):
   """A bad export input (path, workdir, format, setting) or an empty field; the message
   names the bad value and says what would be right."""
 
@@ -434,27 +434,6 @@ def check_writable(path: str) -> None:
     raise ExportError(f"cannot write {path!r}: directory {ancestor!r} is not writable ({e.strerror})") from e
 
 
-def check_run_dir(workdir: str, step: Optional[int] = None) -> None:
-  """Raises unless `workdir` is a training run with a checkpoint (for `step`, if given).
-
-  Reads the directory only: restoring opens the checkpoint manager, which would create a
-  missing checkpoint directory.
-  """
-  if not os.path.exists(workdir):
-    raise ExportError(f"--workdir {workdir!r} does not exist")
-  if not os.path.isdir(workdir):
-    raise ExportError(f"--workdir {workdir!r} is not a directory")
-  if not os.path.isfile(os.path.join(workdir, runs.CONFIG_FILE)):
-    raise ExportError(f"--workdir {workdir!r} has no {runs.CONFIG_FILE}: is it the --workdir of a training run?")
-  checkpoint_dir = os.path.join(workdir, runs.CHECKPOINT_DIR)
-  # Orbax names each finished checkpoint by its step; unfinished ones carry a suffix.
-  steps = sorted(int(n) for n in os.listdir(checkpoint_dir) if n.isdigit()) if os.path.isdir(checkpoint_dir) else []
-  if not steps:
-    raise ExportError(f"--workdir {workdir!r} has no checkpoint in {checkpoint_dir!r}: has the run saved one yet?")
-  if step is not None and step not in steps:
-    raise ExportError(f"no checkpoint for --step={step} in {checkpoint_dir!r}; available: {steps}")
-
-
 # ---------------------------------------------------------------------------------
 # Entry points: a field, a scene, a run.
 
@@ -551,12 +530,9 @@ def export_run_mesh(
                                       texture=texture, resolution=resolution,
                                       min_component_fraction=min_component_fraction, target_faces=target_faces,
                                       texture_size=texture_size)
-  check_run_dir(workdir, step)
+  runs.check_run_dir(workdir, step)
   check_writable(out if out is not None else os.path.join(workdir, "export", f"mesh.{format}"))
-  try:
-    config, scene, params, restored_step = runs.restore_scene(workdir, step)
-  except FileNotFoundError as e:
-    raise ExportError(str(e)) from e
+  config, scene, params, restored_step = runs.restore_scene(workdir, step)
   if out is None:
     out = os.path.join(workdir, "export", f"mesh_{restored_step:06d}.{format}")
   return export_scene_mesh(config, scene, params, out, step=restored_step, resolution=resolution,

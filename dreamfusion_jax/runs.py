@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from typing import Any, Optional
 
 import jax
@@ -79,30 +80,78 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found: is {workdir!r} the --workdir of a training run?")
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict(upgrade_config(json.load(f)))
+
+
+# Renamed values and fields added since a run was written, so that older workdirs still
+# restore, export and score (the math of each renamed value is unchanged).
+_RENAMED_BLOB_KINDS = {"linear": "magic3d", "gaussian": "dreamfusion"}
+_ADDED_FIELDS = {("field", "progressive_start_step"): 0, ("train", "mesh_target_faces"): 0,
+                 ("guidance", "sample_posterior"): False}
+
+
+def upgrade_config(saved: dict) -> dict:
+  """A run's saved config.json (as a dict) in today's field names."""
+  field = saved.get("field", {})
+  field["blob_kind"] = _RENAMED_BLOB_KINDS.get(field.get("blob_kind"), field.get("blob_kind"))
+  if saved.get("guidance", {}).pop("latent_mode", False):
+    raise errors.InputError("this run used guidance.latent_mode, which no longer exists")
+  for (section, name), value in _ADDED_FIELDS.items():
+    if section in saved:
+      saved[section].setdefault(name, value)
+  return saved
+
+
+def check_run_dir(workdir: str, step: Optional[int] = None) -> list[int]:
+  """The checkpoint steps of a training run's `workdir`; raises an InputError naming
+  what is missing (for `step`, if given). Reads the directory only.
+  """
+  if not os.path.exists(workdir):
+    raise errors.InputError(f"--workdir {workdir!r} does not exist")
+  if not os.path.isdir(workdir):
+    raise errors.InputError(f"--workdir {workdir!r} is not a directory")
+  if not os.path.isfile(os.path.join(workdir, CONFIG_FILE)):
+    raise errors.InputError(f"--workdir {workdir!r} has no {CONFIG_FILE}: is it the --workdir of a training run?")
+  checkpoint_dir = os.path.join(workdir, CHECKPOINT_DIR)
+  # Orbax names each finished checkpoint by its step; unfinished ones carry a suffix.
+  steps = sorted(int(n) for n in os.listdir(checkpoint_dir) if n.isdigit()) if os.path.isdir(checkpoint_dir) else []
+  if not steps:
+    raise errors.InputError(f"--workdir {workdir!r} has no checkpoint in {checkpoint_dir!r}: has the run saved one "
+                            f"yet?")
+  if step is not None and step not in steps:
+    raise errors.InputError(f"no checkpoint for --step={step} in {checkpoint_dir!r}; available: {steps}")
+  return steps
 
 
 def restore_scene(workdir: str, step: Optional[int] = None) -> tuple[ml_collections.ConfigDict, scene_lib.Scene,
                                                                      dict, int]:
   """Scene and parameters of a run's checkpoint (the latest unless `step` is given).
 
+  Reads only. Where the latest checkpoint cannot be read, the newest one that can is
+  used, with a note on stderr naming the damaged steps.
+
   Returns:
     (config, scene, params, step).
   """
   from dreamfusion_jax.checkpoints import Checkpointer
 
+  check_run_dir(workdir, step)
   config = load_config(workdir)
   scene = scene_lib.build_scene(config)
   tx = state_lib.make_optimizer(config.optim, config.train.steps)
   template = jax.eval_shape(lambda: state_lib.create_train_state(scene, tx, jax.random.PRNGKey(0)))
-  checkpointer = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), max_to_keep=config.train.keep_checkpoints)
-  steps = checkpointer.all_steps()
-  if not steps:
-    raise FileNotFoundError(f"no checkpoint under {checkpointer.directory}")
-  if step is not None and step not in steps:
-    raise ValueError(f"no checkpoint for step {step} in {checkpointer.directory}; available: {sorted(steps)}")
-  state = checkpointer.restore(template, step)
-  checkpointer.close()
+  checkpointer = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), max_to_keep=config.train.keep_checkpoints,
+                              create=False)
+  try:
+    if step is not None:
+      state = checkpointer.restore(template, step)
+    else:
+      state, restored, damaged = checkpointer.restore_newest_good(template)
+      if damaged:
+        print(f"note: checkpoint steps {damaged} in {checkpointer.directory} cannot be read; using step {restored}",
+              file=sys.stderr)
+  finally:
+    checkpointer.close()
   return config, scene, state.params, int(state.step)
 
 

@@ -19,7 +19,6 @@ import signal
 import time
 from typing import Any, Callable, Optional
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -27,10 +26,10 @@ import numpy as np
 import optax
 
 from dreamfusion_jax import cameras as cameras_lib
-from dreamfusion_jax import distributed, errors, fields, files, losses, render, runs
+from dreamfusion_jax import distributed, errors, fields, losses, render, runs
 from dreamfusion_jax.guidance import prompts as prompts_lib
 from dreamfusion_jax import scene as scene_lib
-from dreamfusion_jax.state import TrainState, create_train_state, make_optimizer  # noqa: F401 (the loop's state)
+from dreamfusion_jax.state import TrainState
 
 Array = jax.Array
 AXIS = "batch"

@@ -14,7 +14,7 @@ import sys
 
 from absl import app, flags, logging
 
-from dreamfusion_jax import export
+from dreamfusion_jax import cli, errors, export
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's --workdir.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
@@ -45,7 +45,7 @@ def main(argv):
         threshold=_THRESHOLD.value, texture=_TEXTURE.value, texture_size=_TEXTURE_SIZE.value,
         min_component_fraction=_MIN_COMPONENT_FRACTION.value, target_faces=_TARGET_FACES.value,
         chunk_size=_CHUNK_SIZE.value, progress=True)
-  except export.ExportError as e:
+  except errors.InputError as e:
     # The message names the bad value and what would be right; a traceback would not help.
     sys.exit(f"error: {e}")
   print(f"threshold {threshold:g}: {len(mesh.vertices)} vertices, {len(mesh.faces)} faces, "
@@ -55,4 +55,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -9,9 +9,11 @@ out_dir defaults to <workdir>/videos/step_<step>/. Camera defaults come from the
 config.cameras.eval_* and the frame size from config.train.eval_height/width.
 """
 
+import sys
+
 from absl import app, flags, logging
 
-from dreamfusion_jax import video
+from dreamfusion_jax import cli, errors, video
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's --workdir.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
@@ -33,15 +35,18 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # orbax logs every step of a restore at INFO
-  paths = video.render_run_turntable(
-      _WORKDIR.value, step=_STEP.value, out_dir=_OUT_DIR.value, num_frames=_FRAMES.value,
-      elevation_deg=_ELEVATION.value, radius=_RADIUS.value, fovy_deg=_FOVY.value, height=_HEIGHT.value,
-      width=_WIDTH.value, layers=_LAYERS.value, batch_size=_BATCH_SIZE.value, fps=_FPS.value,
-      save_frames=_SAVE_FRAMES.value)
+  try:
+    paths = video.render_run_turntable(
+        _WORKDIR.value, step=_STEP.value, out_dir=_OUT_DIR.value, num_frames=_FRAMES.value,
+        elevation_deg=_ELEVATION.value, radius=_RADIUS.value, fovy_deg=_FOVY.value, height=_HEIGHT.value,
+        width=_WIDTH.value, layers=_LAYERS.value, batch_size=_BATCH_SIZE.value, fps=_FPS.value,
+        save_frames=_SAVE_FRAMES.value)
+  except (errors.InputError, ValueError) as e:  # a bad workdir, step, layer or size
+    sys.exit(f"error: {e}")
   print(f"step {paths['step']}: wrote {paths['mp4']} and {paths['gif']}")
   if "frames" in paths:
     print(f"and {len(paths['frames'])} frames in {paths['frames'][0].rsplit('/', 1)[0]}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -9,6 +9,7 @@ from the same views, and the vocabulary colour nearest to the object's mean albe
 """
 
 import json
+import sys
 
 from absl import app, flags, logging
 
@@ -21,13 +22,13 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
-  from dreamfusion_jax import runs, toy_world
+  from dreamfusion_jax import errors, runs, toy_world
 
   for workdir in _WORKDIR.value:
     try:
       config, scene, params, step = runs.restore_scene(workdir, _STEP.value)
-    except FileNotFoundError as e:
-      raise app.UsageError(str(e)) from e
+    except errors.InputError as e:
+      sys.exit(f"error: {e}")
     try:
       toy_world.parse_prompt(config.prompt)
     except ValueError as e:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs import dreamfusion
-from dreamfusion_jax import benchmark, cameras, render, scene as scene_lib, train
+from dreamfusion_jax import benchmark, cameras, render, scene as scene_lib, state as state_lib, train
 from dreamfusion_jax.guidance import stable_diffusion as sd
 from dreamfusion_jax.guidance import tiny
 
@@ -77,7 +77,7 @@ def test_remat_recomputes_the_render_forward():
   params = jax.eval_shape(scene.init, jax.random.PRNGKey(0))
   parts = benchmark.StepParts(config=config, guidance=None, guidance_params=None, embeddings=None, scene=scene,
                               tx=None, settings=settings,
-                              state=train.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=None,
+                              state=state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=None,
                                                      num_skipped=None),
                               base_key=jax.random.PRNGKey(0))
   fn, args = benchmark.render_fwd_bwd_fn(parts, remat=True)
