@@ -233,7 +233,25 @@ def resume_state(config: ml_collections.ConfigDict, workdir: str, initial: state
     if not steps:
       return initial
     latest = steps[-1]
-    mismatches = checkpointer.shape_mismatches(initial, latest)
+
+    def damaged(error: Exception) -> Exception:
+      good = None
+      for step in reversed([s for s in steps if s < latest]):
+        try:
+          checkpointer.restore(initial, step)
+          good = step
+          break
+        except Exception:  # pylint: disable=broad-except  (orbax/TensorStore: any read failure)
+          continue
+      reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+      hint = (f"the newest checkpoint that restores is step {good}: move {directory}/{latest} elsewhere to resume "
+              f"from it" if good is not None else "no older checkpoint restores: use a new --workdir")
+      return checkpoints.CheckpointError(f"checkpoint {directory}/{latest} is damaged ({reason}); {hint}")
+
+    try:
+      mismatches = checkpointer.shape_mismatches(initial, latest)
+    except Exception as e:  # pylint: disable=broad-except  (unreadable metadata)
+      raise damaged(e) from None
     if mismatches:
       try:
         changed = config_differences(load_config(workdir), config)
@@ -246,19 +264,7 @@ def resume_state(config: ml_collections.ConfigDict, workdir: str, initial: state
     try:
       state = checkpointer.restore(initial, latest)
     except Exception as e:  # pylint: disable=broad-except  (orbax/TensorStore: any read failure)
-      older = [s for s in steps if s < latest]
-      good = None
-      for step in reversed(older):
-        try:
-          checkpointer.restore(initial, step)
-          good = step
-          break
-        except Exception:  # pylint: disable=broad-except
-          continue
-      reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-      hint = (f"the newest checkpoint that restores is step {good}: move {directory}/{latest} elsewhere to resume "
-              f"from it" if good is not None else "no older checkpoint restores: use a new --workdir")
-      raise checkpoints.CheckpointError(f"checkpoint {directory}/{latest} is damaged ({reason}); {hint}") from None
+      raise damaged(e) from None
   finally:
     checkpointer.close()
   print(f"resumed from {directory}/{int(state.step)}")

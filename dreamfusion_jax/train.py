@@ -262,7 +262,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         f"config.cameras.fovy_range_deg must lie inside (0, 180), got {tuple(c.fovy_range_deg)}")
   check(c.radius_range[0] > 0, f"config.cameras.radius_range must be positive, got {tuple(c.radius_range)}")
   if problems:
-    raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+    raise ConfigError("invalid config: " + "; ".join(problems))
 
 
 class StopRequest:
