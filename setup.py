@@ -33,6 +33,9 @@ setuptools.setup(
         "fast-simplification>=0.2",  # mesh decimation (trimesh's simplify_quadric_decimation)
     ],
     extras_require={
+        # JAX's accelerator builds (docs/scale_out.md): NVIDIA GPUs with CUDA 12, Cloud TPU.
+        "cuda12": ["jax[cuda12]>=0.4.30"],
+        "tpu": ["jax[tpu]>=0.4.30"],
         # CPU torch for the PyTorch-parity tests and the benchmark reference; 2.13.0 is
         # the CPU build on our machines' disk (any other version pulls a CUDA build).
         "torch": ["torch==2.13.0"],
