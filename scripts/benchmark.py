@@ -16,6 +16,8 @@ import os
 import sys
 
 from absl import app, flags, logging
+
+from dreamfusion_jax import cli
 from ml_collections import config_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,6 +59,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
+  cli.apply_cpu_xla_flags()  # what training runs with (docs/performance.md); before JAX starts
   from dreamfusion_jax import benchmark, guidance, train  # pylint: disable=g-import-not-at-top
 
   if _FLOP_MODEL.value:

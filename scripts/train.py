@@ -27,6 +27,10 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # orbax and JAX log every save and backend probe at INFO
   config = _CONFIG.value
+  added = cli.apply_cpu_xla_flags()  # before JAX starts its backend
+  if added:
+    print(f"XLA_FLAGS += {' '.join(added)} (CPU compile settings, docs/performance.md; set the flag in XLA_FLAGS to "
+          f"override)")
   from dreamfusion_jax import distributed, errors, guidance, train
 
   def lost(message):  # from the watchdog's thread while the main one waits in a collective

@@ -13,6 +13,8 @@ samples in the workdir.
 
 from absl import app, flags, logging
 
+from dreamfusion_jax import cli
+
 _WORKDIR = flags.DEFINE_string("workdir", "runs/prior", "Checkpoints, data set and sample grids.")
 _STEPS = flags.DEFINE_integer("steps", 3000, "Total training steps (the shipped weights: 3000).")
 _BATCH = flags.DEFINE_integer("batch_size", 32, "Images per step.")
@@ -30,6 +32,7 @@ _WARM = flags.DEFINE_string("warm_start", None, "Prior directory to start from w
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
+  cli.apply_cpu_xla_flags()  # what training runs with (docs/performance.md); before JAX starts
   from dreamfusion_jax import toy_prior
 
   toy_prior.train_prior(_WORKDIR.value, steps=_STEPS.value, batch_size=_BATCH.value, per_object=_PER_OBJECT.value,
