@@ -14,6 +14,7 @@ job. On restore every process reads the same files.
 from __future__ import annotations
 
 import os
+import signal
 from typing import Any, Optional
 
 import jax
@@ -105,3 +106,31 @@ class Checkpointer:
 
   def close(self) -> None:
     self._manager.close()
+
+
+def due(step: int, *, every: int, last: int, stopping: bool) -> bool:
+  """Whether a loop saves after `step`: every `every` steps, at the last one, and when
+  asked to stop (so a stopped run resumes where it was)."""
+  return step % every == 0 or step == last or stopping
+
+
+class StopRequest:
+  """Turns SIGTERM/SIGINT into a flag checked between steps, so the loop can save a
+  checkpoint and exit cleanly instead of dying mid-step."""
+
+  def __init__(self):
+    self.signal = None
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signal = signum
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)

@@ -337,8 +337,7 @@ def train_prior(workdir: str, *, steps: int, batch_size: int = 32, per_object: i
   """
   import time
 
-  from dreamfusion_jax import train as train_lib
-  from dreamfusion_jax.checkpoints import Checkpointer
+  from dreamfusion_jax import checkpoints
 
   work = pathlib.Path(workdir)
   work.mkdir(parents=True, exist_ok=True)
@@ -360,7 +359,7 @@ def train_prior(workdir: str, *, steps: int, batch_size: int = 32, per_object: i
   # The EMA starts as a copy: params and ema_params are donated, so they must not share buffers.
   state = PriorState(step=jnp.zeros((), jnp.int32), params=params,
                      ema_params=jax.tree_util.tree_map(jnp.copy, params), opt_state=tx.init(params))
-  checkpointer = Checkpointer(str(work / "checkpoints"), max_to_keep=2)
+  checkpointer = checkpoints.Checkpointer(str(work / "checkpoints"), max_to_keep=2)
   if checkpointer.latest_step() is not None:
     state = checkpointer.restore(state)
     print(f"resumed the prior at step {int(state.step)}", flush=True)
@@ -401,7 +400,7 @@ def train_prior(workdir: str, *, steps: int, batch_size: int = 32, per_object: i
   log = open(work / "metrics.jsonl", "a")
   start = int(state.step)
   t_last, losses = time.time(), []
-  with train_lib.StopRequest() as stop:
+  with checkpoints.StopRequest() as stop:
     for step in range(start, steps):
       idx = np.random.default_rng([seed, step]).integers(0, len(data["object"]), batch_size)
       state, loss = step_fn(state, abar, table_ids, empty_ids, images_all[idx], objects_all[idx],
@@ -416,7 +415,7 @@ def train_prior(workdir: str, *, steps: int, batch_size: int = 32, per_object: i
         log.write(json.dumps({"step": done, "loss": mean_loss, "step_time_s": rate}) + "\n")
         log.flush()
         t_last, losses = time.time(), []
-      if done % ckpt_every == 0 or done == steps or stop.signal is not None:
+      if checkpoints.due(done, every=ckpt_every, last=steps, stopping=stop.signal is not None):
         checkpointer.save(done, state)
       if done % export_every == 0 or stop.signal is not None:
         checkpointer.wait()

@@ -15,7 +15,6 @@ import dataclasses
 import functools
 import json
 import os
-import signal
 import time
 from typing import Any, Callable, Optional
 
@@ -26,7 +25,7 @@ import numpy as np
 import optax
 
 from dreamfusion_jax import cameras as cameras_lib
-from dreamfusion_jax import distributed, errors, fields, losses, render, runs
+from dreamfusion_jax import checkpoints, distributed, errors, fields, losses, render, runs
 from dreamfusion_jax.guidance import prompts as prompts_lib
 from dreamfusion_jax import scene as scene_lib
 from dreamfusion_jax.state import TrainState
@@ -265,28 +264,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError("invalid config: " + "; ".join(problems))
 
 
-class StopRequest:
-  """Turns SIGTERM/SIGINT into a flag checked between steps, so the loop can save a
-  checkpoint and exit cleanly instead of dying mid-step."""
-
-  def __init__(self):
-    self.signal = None
-    self._previous = {}
-
-  def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      self._previous[sig] = signal.signal(sig, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    del frame
-    self.signal = signum
-
-  def __exit__(self, *exc):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
-
-
 class MetricWriter:
   """Scalars to TensorBoard event files and metrics.jsonl, from process 0 only."""
 
@@ -371,7 +348,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   from tqdm import tqdm  # progress bar only in the loop
 
   from dreamfusion_jax import images, visualize
-  from dreamfusion_jax.checkpoints import Checkpointer
 
   # Everything that can reject the command runs before the workdir is touched.
   validate_config(config)
@@ -385,7 +361,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   if is_writer:
     runs.write_config(config, workdir)
   _sync_processes("workdir ready")
-  checkpointer = Checkpointer(os.path.join(workdir, runs.CHECKPOINT_DIR), max_to_keep=config.train.keep_checkpoints)
+  checkpointer = checkpoints.Checkpointer(os.path.join(workdir, runs.CHECKPOINT_DIR), max_to_keep=config.train.keep_checkpoints)
 
   devices = jax.local_devices()
   p_state = replicate(state, devices)
@@ -411,7 +387,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   last_log_time, last_log_step = time.perf_counter(), start
   step = start
   try:
-    with StopRequest() as stop, tqdm(total=t.steps, initial=start, disable=not is_writer, unit="step",
+    with checkpoints.StopRequest() as stop, tqdm(total=t.steps, initial=start, disable=not is_writer, unit="step",
                                       dynamic_ncols=True) as bar:
       while step < t.steps:
         p_state, p_metrics = p_step(p_state, p_guidance_params, p_embeddings, p_key)
@@ -426,7 +402,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
           writer.write(step, metrics)
           bar.set_postfix(loss=f"{metrics['loss']:.4g}", skipped=int(metrics["num_skipped"]))
         stopping = _any_process(stop.signal is not None)  # every process saves the same steps
-        if step % t.ckpt_every == 0 or step == t.steps or stopping:
+        if checkpoints.due(step, every=t.ckpt_every, last=t.steps, stopping=stopping):
           checkpointer.save(step, _unreplicate(p_state))
         if step % t.eval_every == 0 or step == t.steps:
           save_renders(step, _unreplicate(p_state))

@@ -97,7 +97,7 @@ def test_resume_after_sigkill_is_bit_exact(full_run, tiny_sd, tmp_path):
 
   result = run_train(tmp_path, tiny_sd)
   assert result.returncode == 0, result.stdout + result.stderr
-  assert f"resumed from" in result.stdout
+  assert "resumed from" in result.stdout
   resumed, step = final_params(tmp_path)
   reference, _ = final_params(full_run)
   assert step == 12
