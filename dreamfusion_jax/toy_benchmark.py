@@ -61,7 +61,7 @@ def run_config(config: ml_collections.ConfigDict, prompt: str, seed: int) -> ml_
 
 
 def config_fingerprint(config: ml_collections.ConfigDict) -> str:
-  return hashlib.sha256(config.to_json(sort_keys=True).encode()).hexdigest()[:16]
+  return hashlib.sha256(config.to_json_best_effort(sort_keys=True).encode()).hexdigest()[:16]
 
 
 def untrained_observation(config: ml_collections.ConfigDict) -> dict:
