@@ -171,7 +171,8 @@ def run_benchmark(config: ml_collections.ConfigDict, workdir: str, *, prompts: S
   start = time.perf_counter()
   rows = [run_one(config, workdir, p, s, train_fn=train_fn, log=log) for s in seeds for p in prompts]
   baseline = baseline_rows(config, prompts, seeds)
-  return {"machine": machine(), "prompts": list(prompts), "seeds": list(seeds),
+  return {"machine": machine(), "config": json.loads(config.to_json_best_effort()), "prompts": list(prompts),
+          "seeds": list(seeds),
           "wall_s": time.perf_counter() - start, "runs": rows, "baseline": baseline,
           "summary": {"runs": summarise(rows), "baseline": summarise(baseline)},
           "measures": {"margin": toy_score.MARGIN, "hole_opacity": toy_score.HOLE_OPACITY,

@@ -190,7 +190,8 @@ def score_arrays(prompt_text: str, *, opacity: np.ndarray, rgb: np.ndarray, top_
     a JSON-ready dict: "prompt", "prompt_shape", "prompt_color"; "silhouette_iou" (own
     shape, all views), "silhouette_iou_by_shape", "silhouette_iou_by_elevation" (own
     shape, keys the elevations in degrees as strings), "silhouette_margin";
-    "volume_iou", "volume_iou_by_shape", "volume_margin", "best_volume_shape";
+    "volume_iou", "volume_iou_by_shape", "volume_margin", "best_volume_shape" ("none"
+    when nothing is occupied);
     "centre_opacity_above", "has_hole"; "mean_albedo", "color", "color_distance",
     "right_color".
   """
@@ -211,7 +212,7 @@ def score_arrays(prompt_text: str, *, opacity: np.ndarray, rgb: np.ndarray, top_
       "silhouette_iou": sil[shape], "silhouette_iou_by_shape": sil, "silhouette_iou_by_elevation": by_elevation,
       "silhouette_margin": margin(sil, shape),
       "volume_iou": vol[shape], "volume_iou_by_shape": vol, "volume_margin": margin(vol, shape),
-      "best_volume_shape": max(vol, key=vol.get),
+      "best_volume_shape": max(vol, key=vol.get) if max(vol.values()) > 0 else "none",
       "centre_opacity_above": above, "has_hole": above < HOLE_OPACITY,
       "mean_albedo": [float(v) for v in albedo], "color": nearest,
       "color_distance": float(np.linalg.norm(albedo - np.asarray(toy_world.COLORS[color]))),
