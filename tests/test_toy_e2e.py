@@ -151,8 +151,9 @@ def test_text_to_3d_passes_every_threshold(text_to_3d, text):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="issue 19: the step-3000 prior makes the torus a lens without a hole "
-                                       "(centre opacity from above 1.00; ground truth 0.07, blob 0.94)")
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="issue 19: the step-3000 prior makes the torus a lens without a hole "
+                          "(centre opacity from above 1.00; ground truth 0.07, blob 0.94)")
 def test_the_torus_has_its_hole(text_to_3d):
   # strict: once a prior makes the hole this xpasses, fails, and the marker must go; only the
   # assertion below counts as the expected failure (a missing prior errors in the fixture).
