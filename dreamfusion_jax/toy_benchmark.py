@@ -1,7 +1,7 @@
 """The toy benchmark: a config run over toy prompts x seeds, scored in 3D, in tables.
 
 Each run trains in `<workdir>/<prompt>_seed<k>/` (scripts/train.py's layout) and, once
-scored, leaves `toy_score.json` there; a run with that file is skipped, an unfinished one
+scored, leaves `toy_score.json` there (and `toy_score_views.png`, the views scored); a run with that file is skipped, an unfinished one
 resumes from its checkpoints. The untrained start of each seed (the density blob the
 optimisation begins from) is scored against every prompt too: the baseline every
 threshold is set against. `format_markdown` and the JSON result hold per-run rows, the
@@ -22,10 +22,11 @@ import jax
 import ml_collections
 import numpy as np
 
-from dreamfusion_jax import files, runs, toy_score, toy_world
+from dreamfusion_jax import files, images, runs, toy_score, toy_world
 from dreamfusion_jax import scene as scene_lib
 
 RESULT_FILE = "toy_score.json"
+VIEWS_FILE = "toy_score_views.png"  # toy_score.views_image: what the scores saw
 TABLE_BASENAME = "toy_benchmark"
 
 
@@ -117,7 +118,9 @@ def run_one(config: ml_collections.ConfigDict, workdir: str, prompt: str, seed: 
   train_fn(cfg, run_dir)
   wall_s = time.perf_counter() - start
   _, scene, params, step = runs.restore_scene(run_dir)
-  score = toy_score.score_scene(scene, params, prompt, level_mask=scene.level_mask(step))
+  observation = toy_score.observe_scene(scene, params, level_mask=scene.level_mask(step))
+  score = toy_score.score_arrays(prompt, **observation)
+  images.save_png(os.path.join(run_dir, VIEWS_FILE), toy_score.views_image(observation, score["prompt_shape"]))
   row = {**score, "seed": seed, "step": step, "train_wall_s": wall_s, "resumed": resumed,
          "config_fingerprint": fingerprint}
   files.write_text(result_path, json.dumps(row, indent=1))

@@ -249,6 +249,26 @@ def score_scene(scene, params: dict, prompt_text: str, *, level_mask: Optional[A
   return score_arrays(prompt_text, **observe_scene(scene, params, level_mask=level_mask))
 
 
+def views_image(observation: dict, shape: str) -> np.ndarray:
+  """What the scores saw, to look at: uint8 (9 x 64, 8 x 64, 3).
+
+  Rows 1-4: the result over white at each elevation of SILHOUETTE_ELEVATIONS_DEG (8
+  azimuths); rows 5-8: `shape`'s ground-truth silhouettes from the same cameras; row 9:
+  the view from straight above, the result's opacity then the ground truth's.
+  """
+  from dreamfusion_jax import images
+
+  opacity, rgb = observation["opacity"], observation["rgb"]
+  result = rgb + (1.0 - opacity[..., None])
+  n = VIEWS_PER_ELEVATION
+  rows = [result[i * n:(i + 1) * n] for i in range(len(SILHOUETTE_ELEVATIONS_DEG))]
+  truth = ground_truth(shape)
+  rows += [truth["opacity"][i * n:(i + 1) * n] for i in range(len(SILHOUETTE_ELEVATIONS_DEG))]
+  top = np.zeros((n,) + opacity.shape[1:], np.float32)
+  top[0], top[1] = observation["top_opacity"], truth["top_opacity"]
+  return images.image_grid(rows + [top])
+
+
 def summary_line(score: dict) -> str:
   """One line of a score for logs and scripts/score_toy.py."""
   sil = " ".join(f"{s}={v:.3f}" for s, v in score["silhouette_iou_by_shape"].items())

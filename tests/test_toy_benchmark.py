@@ -8,6 +8,7 @@ checkpoint, so a run's row (restored from disk, scored) must equal the baseline 
 import json
 import os
 
+import imageio.v3 as iio
 import jax
 import numpy as np
 import pytest
@@ -50,6 +51,15 @@ def test_a_run_row_is_its_restored_field_scored(bench):
     assert run["step"] == 0 and base["step"] == 0 and not run["resumed"]
     for key in ("silhouette_iou", "volume_iou", "centre_opacity_above", "color_distance"):
       assert run[key] == pytest.approx(base[key], abs=1e-6), key
+
+
+def test_each_run_leaves_the_views_it_was_scored_on(bench):
+  workdir, _ = bench
+  image = iio.imread(os.path.join(workdir, toy_benchmark.run_name(PROMPTS[1], 0), toy_benchmark.VIEWS_FILE))
+  assert image.shape == (9 * 64, 8 * 64, 3)
+  # Row 9 starts with the result's view from above, then the torus's truth: a ring round a hole.
+  truth_top = image[8 * 64:, 64:128, 0].astype(float) / 255
+  assert truth_top[30:34, 30:34].mean() < 0.1 and truth_top[32, 32 + 14] > 0.9
 
 
 def test_scored_runs_are_skipped_and_another_config_is_refused(bench):
