@@ -197,12 +197,19 @@ def _markdown(header: Sequence[str], rows: Sequence[Sequence]) -> list[str]:
   return lines + ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
 
 
+def _wall(row: dict) -> str:
+  if "train_wall_s" not in row:
+    return "-"
+  # A resumed run's time covers only the process that finished it.
+  return f"{row['train_wall_s']:.0f}" + (" (resumed)" if row.get("resumed") else "")
+
+
 def run_table(rows: Sequence[dict], label: str) -> list[str]:
   """Markdown lines: one row per run (label "run" or "baseline")."""
   header = ["row", "prompt", "seed", *(title for _, title in SCORE_COLUMNS), "best vol shape", "colour",
             "train wall s"]
   body = [[label, r["prompt"], r["seed"], *(r[k] for k, _ in SCORE_COLUMNS), r["best_volume_shape"], r["color"],
-           f"{r['train_wall_s']:.0f}" if "train_wall_s" in r else "-"] for r in rows]
+           _wall(r)] for r in rows]
   return _markdown(header, body)
 
 
