@@ -1,8 +1,8 @@
 """The toy world of the embedded prior: primitive shapes in a few colours.
 
 Each object is an analytic signed distance function turned into a volume density, so
-the project's own renderer draws the prior's training images, and the same fields give
-the ground-truth silhouettes that an optimised NeRF is scored against. All objects
+the project's own renderer draws the prior's training images, and the same fields are
+the ground truth an optimised NeRF is scored against (toy_score.py). All objects
 sit at the origin at one scale, as the NeRF's density blob does.
 """
 
@@ -181,54 +181,7 @@ def render_objects(
           "azimuth_deg": cams.azimuth_deg, "elevation_deg": cams.elevation_deg}
 
 
-def silhouettes(shape: str, cams: cameras_lib.Cameras, size: int, num_samples: int = 128) -> Array:
-  """Ground-truth opacity (B, size, size) of `shape` seen by the given cameras."""
-  field_fn = object_field(jnp.int32(SHAPES.index(shape)), jnp.ones(3))
-  origins, directions = cameras_lib.generate_rays(cams, size, size)
-  out = jax.vmap(lambda o, d: render.render_rays(field_fn, o.reshape(-1, 3), d.reshape(-1, 3), key=None,
-                                                 num_samples=num_samples, deterministic=True,
-                                                 normal_mode="none").opacity)(origins, directions)
-  return out.reshape(-1, size, size)
-
-
-def silhouette_iou(opacity: Array, reference: Array, threshold: float = 0.5) -> float:
-  """Intersection over union of the masks opacity > threshold, over all views."""
-  a, b = np.asarray(opacity) > threshold, np.asarray(reference) > threshold
-  union = np.logical_or(a, b).sum()
-  return float(np.logical_and(a, b).sum() / union) if union else 0.0
-
-
 def closest_color(rgb: Sequence[float]) -> str:
   """The vocabulary colour nearest (Euclidean, RGB) to a mean object colour."""
   rgb = np.asarray(rgb, np.float32)
   return min(COLOR_NAMES, key=lambda c: float(np.sum((np.asarray(COLORS[c]) - rgb) ** 2)))
-
-
-def score_scene(scene, params, prompt_text: str, *, num_views: int = 8, size: int = 64, elevation_deg: float = 15.0,
-                radius: float = 1.7, fovy_deg: float = 45.0, level_mask=None) -> dict:
-  """How well an optimised scene depicts a toy-world prompt.
-
-  Renders `num_views` views evenly around the object (albedo shading, no background
-  influence on the mask) and compares the silhouette (opacity > 0.5) with each
-  shape's ground truth from the same cameras, and the mean albedo of the object's
-  pixels with the vocabulary colours.
-
-  Returns:
-    {"iou": IoU against the prompt's shape, "iou_by_shape": {shape: IoU},
-     "color": nearest vocabulary colour, "mean_rgb": (3,) list, "prompt_shape",
-     "prompt_color"}.
-  """
-  from dreamfusion_jax import scene as scene_lib
-
-  shape, color = parse_prompt(prompt_text)
-  cams = cameras_lib.orbit_cameras(num_views, elevation_deg=elevation_deg, radius=radius, fovy_deg=fovy_deg)
-  renders = jax.jit(lambda p: scene_lib.render_eval_views(scene, p, cams, height=size, width=size,
-                                                          level_mask=level_mask))(params)
-  opacity = np.asarray(renders["opacity"])
-  iou_by_shape = {s: silhouette_iou(opacity, silhouettes(s, cams, size)) for s in SHAPES}
-  mask = opacity > 0.5
-  # Albedo renders composite over the background MLP; un-blend with the opacity.
-  rgb = np.asarray(renders["rgb"])
-  mean_rgb = rgb[mask].mean(axis=0) if mask.any() else np.zeros(3)
-  return {"iou": iou_by_shape[shape], "iou_by_shape": iou_by_shape, "color": closest_color(mean_rgb),
-          "mean_rgb": [float(v) for v in mean_rgb], "prompt_shape": shape, "prompt_color": color}

@@ -1,11 +1,14 @@
-"""Scores toy-world text-to-3D runs against the ground truth of their prompt.
+"""Scores toy-world text-to-3D runs against the ground truth of their prompt, in 3D.
 
   python scripts/score_toy.py --workdir=runs/red_cube [--workdir=runs/blue_sphere ...]
 
-For each run (a --workdir of scripts/train.py with configs/toy.py) it renders 8 views
-around the object and prints the silhouette IoU against each toy shape's ground truth
-from the same views, and the vocabulary colour nearest to the object's mean albedo
-(`toy_world.score_scene`, the measure of tests/test_toy_e2e.py).
+For each run (a --workdir of scripts/train.py with configs/toy.py) it prints
+`toy_score.score_scene`'s measures (the ones of tests/test_toy_e2e.py and the toy
+benchmark, docs/toy_benchmark.md): silhouette IoU over 32 views at four elevations and
+volumetric IoU against each toy shape, each with the own shape's margin over the best
+other shape, the centre opacity seen from straight above (a torus's hole), and the
+vocabulary colour nearest to the mean albedo with its distance from the prompt's colour.
+--json prints the whole score as JSON instead.
 """
 
 import json
@@ -13,8 +16,11 @@ import sys
 
 from absl import app, flags, logging
 
+from dreamfusion_jax import cli
+
 _WORKDIR = flags.DEFINE_multi_string("workdir", None, "A toy run's --workdir (repeatable).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+_JSON = flags.DEFINE_bool("json", False, "Print each score as one line of JSON.")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -22,23 +28,22 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
-  from dreamfusion_jax import errors, runs, toy_world
+  from dreamfusion_jax import errors, runs, toy_score, toy_world
 
   for workdir in _WORKDIR.value:
     try:
-      config, scene, params, step = runs.restore_scene(workdir, _STEP.value)
-    except errors.InputError as e:
-      sys.exit(f"error: {e}")
-    try:
+      runs.check_run_dir(workdir, _STEP.value)
+      config = runs.load_config(workdir)
       toy_world.parse_prompt(config.prompt)
-    except ValueError as e:
-      raise app.UsageError(f"{workdir}: {e}") from e
-    score = toy_world.score_scene(scene, params, config.prompt, level_mask=scene.level_mask(step))
-    ious = " ".join(f"{s}={v:.3f}" for s, v in score["iou_by_shape"].items())
-    print(f"{workdir} step {step} {config.prompt!r}: IoU({score['prompt_shape']})={score['iou']:.3f} "
-          f"[{ious}] colour={score['color']} (prompt {score['prompt_color']}) "
-          f"mean_rgb={json.dumps([round(v, 3) for v in score['mean_rgb']])}")
+      config, scene, params, step = runs.restore_scene(workdir, _STEP.value)
+    except (errors.InputError, ValueError) as e:
+      sys.exit(f"error: {workdir}: {e}")
+    score = toy_score.score_scene(scene, params, config.prompt, level_mask=scene.level_mask(step))
+    if _JSON.value:
+      print(json.dumps({"workdir": workdir, "step": step, **score}))
+    else:
+      print(f"{workdir} step {step} {toy_score.summary_line(score)}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -82,9 +82,26 @@ def test_remat_recomputes_the_render_forward():
                               base_key=jax.random.PRNGKey(0))
   fn, args = benchmark.render_fwd_bwd_fn(parts, remat=True)
   remat_flops = benchmark.cost_flops(fn.lower(*args))
-  # 16x16 rays x 16 samples through a 4-level grid and a 16-wide MLP, twice differentiated.
-  assert 1e6 < flops < 1e9
+  # A lower bound counted by hand: 16x16 rays x 16 samples, each through the MLP's matmuls
+  # (8 grid features -> 16 hidden -> 4 outputs: 2 (8 * 16 + 16 * 4) = 384 FLOPs) forward and
+  # twice that backward (inputs' and weights' gradients), before the normals' extra passes.
+  points = config.train.batch_size * config.render.height * config.render.width * config.render.num_samples
+  mlp = 2 * (config.field.num_levels * config.field.features_per_level * config.field.hidden_dim
+             + config.field.hidden_dim * 4)
+  assert mlp == 384 and flops > 3 * mlp * points
   assert remat_flops > 1.2 * flops
+
+
+def test_render_flops_grow_with_the_rays_exactly():
+  # Every FLOP of the render is spent per ray or per sample, so 4x the rays (32x32 instead of
+  # 16x16) or 2x the images cost 4x and 2x the FLOPs: a closed form the count must meet.
+  base = benchmark.render_flops(dreamfusion.get_config("tiny"))
+  wide = dreamfusion.get_config("tiny")
+  wide.render.height = wide.render.width = 32
+  double = dreamfusion.get_config("tiny")
+  double.train.batch_size *= 2
+  assert benchmark.render_flops(wide) == pytest.approx(4 * base, rel=0.01)
+  assert benchmark.render_flops(double) == pytest.approx(2 * base, rel=0.01)
 
 
 # ----------------------------------------------------------------------------- tables
@@ -130,7 +147,16 @@ def test_report_prints_every_section():
   text = benchmark.report(result)
   assert "train step JAX/PyTorch: 0.50" in text and "(min)" in text
   assert "device peak memory: n/a" in text and "note: a note" in text
-  assert "64x64" in text and "  3  " in text  # the scaling row and its growth over the first
+  # The scaling table: a header naming its columns, then one row per setting whose "x config"
+  # cell is the step time over the first row's (0.3 s / 0.1 s = 3) and GFLOP its FLOPs / 1e9.
+  lines = text.splitlines()
+  start = next(i for i, line in enumerate(lines) if line.split()[:2] == ["render", "samples"])
+  header = re.split(r"\s{2,}", lines[start].strip())
+  assert header == ["render", "samples", "points", "step ms", "x config", "GFLOP", "compile s"]
+  assert set(lines[start + 1].replace(" ", "")) == {"-"}
+  rows = [line.split() for line in lines[start + 2:start + 4]]
+  assert rows[0] == ["32x32", "16", "16384", "100", "1", "2", "3"]
+  assert rows[1] == ["64x64", "16", "65536", "300", "3", "8", "3"]
 
 
 def test_flop_model_table_leaves_the_text_encoder_out_of_an_iteration():

@@ -308,7 +308,9 @@ def test_scene_density_grid_is_the_field_on_the_grid(run):
   assert grid.max() > 0 and np.ptp(grid[grid > 0]) > 0
 
 
-def test_export_cli_writes_the_runs_mesh(run, tmp_path):
+def test_export_cli_writes_the_same_mesh_as_extract_mesh(run, tmp_path):
+  # A consistency check of the CLI against the library (extract_mesh itself is checked against
+  # closed forms above: sphere radius, box bounds, the bounding sphere).
   _, scene, params, workdir = run
   grid = export.density_grid(export.scene_field_fn(scene, params), resolution=24, bound=BOUND)
   threshold = 0.5 * float(grid.max())
@@ -429,7 +431,7 @@ def test_render_turntable_rejects_bad_layers_before_rendering(run, tmp_path):
   assert os.listdir(tmp_path) == []
 
 
-def test_end_of_training_mesh_uses_the_runs_threshold(run, tmp_path):
+def test_end_of_training_mesh_is_extract_mesh_at_the_runs_threshold(run, tmp_path):
   config, scene, params, _ = run
   config = copy.deepcopy(config)
   # The tiny config's blob (Magic3D's, strength 10) peaks near density 10, under the

@@ -1,9 +1,10 @@
 """Outcome tests of the shipped toy prior: its samples, and text-to-3D through it.
 
 These judge the trained weights in dreamfusion_jax/assets/toy_prior by what they do:
-a prompt must produce the prompt's colour in 2D samples, and an optimised NeRF whose
-silhouettes match the prompt's shape (and not another shape) and whose colour is the
-prompt's colour.
+a prompt must produce the prompt's colour in 2D samples, and text-to-3D on prompts the
+toy config was not tuned on must beat the untrained density blob by a clear margin on
+the 3D scores of toy_score.py. A missing or unfinished prior fails these tests; it
+never skips them.
 """
 
 import json
@@ -18,39 +19,37 @@ import pytest
 import trimesh
 
 from configs import toy
-from dreamfusion_jax import runs, toy_prior, toy_world, train
+from dreamfusion_jax import runs, toy_benchmark, toy_prior, toy_score, toy_world
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _unfinished_prior_reason():
-  """Why the outcome tests cannot judge the shipped weights yet, or None.
+  """Why the shipped weights cannot be judged, or None.
 
-  The prior trains over several sessions (scripts/train_prior.py resumes); until the
-  shipped weights have reached their planned steps they are an intermediate
-  checkpoint, committed so training can continue, not a prior to judge.
+  An unfinished or missing prior fails these tests (it never skips them): a retrained
+  prior committed half-way must not turn the outcome tests off while CI stays green.
   """
   state_file = toy_prior.PRIOR_DIR / toy_prior.TRAINING_STATE
   if not (toy_prior.PRIOR_DIR / "model_index.json").exists():
-    return "the toy prior is not shipped in this checkout"
-  state = json.loads(state_file.read_text()) if state_file.exists() else {"step": 0, "target_steps": "?"}
-  if state["target_steps"] == "?" or state["step"] < state["target_steps"]:
-    return (f"the shipped toy prior is an intermediate checkpoint (step {state['step']} of "
-            f"{state['target_steps']}): its outcome is judged once training finishes")
+    return f"the toy prior is missing from {toy_prior.PRIOR_DIR}"
+  if not state_file.exists():
+    return f"{state_file} is missing: cannot tell whether the shipped prior finished training"
+  state = json.loads(state_file.read_text())
+  if state.get("step", 0) < state.get("target_steps", float("inf")):
+    return (f"the shipped toy prior is unfinished: step {state.get('step')} of {state.get('target_steps')} in "
+            f"{state_file}; finish training it (scripts/train_prior.py) before judging its outcome")
   return None
-
-
-shipped = pytest.mark.skipif(not (toy_prior.PRIOR_DIR / "model_index.json").exists(),
-                             reason="the toy prior is not shipped in this checkout")
-finished = pytest.mark.skipif(_unfinished_prior_reason() is not None, reason=str(_unfinished_prior_reason()))
 
 
 @pytest.fixture(scope="module")
 def prior():
+  reason = _unfinished_prior_reason()
+  if reason is not None:
+    pytest.fail(reason)
   return toy_prior.load()
 
 
-@shipped
 def test_shipped_prior_is_small_and_loads(prior):
   guidance, _ = prior
   assert guidance.vae is None  # pixel space
@@ -65,7 +64,6 @@ def fresh_views():
   return data["images"], data["object"]
 
 
-@shipped
 def test_shipped_prior_denoises_better_with_the_right_colour(prior, fresh_views):
   guidance, params = prior
   gaps = toy_prior.conditioning_gaps(guidance, params, *fresh_views)
@@ -76,7 +74,6 @@ def test_shipped_prior_denoises_better_with_the_right_colour(prior, fresh_views)
   assert gaps["text"] > 0.0, gaps
 
 
-@finished
 @pytest.mark.parametrize("color", toy_world.COLOR_NAMES)
 def test_samples_have_the_prompt_colour(prior, color):
   guidance, params = prior
@@ -90,44 +87,83 @@ def test_samples_have_the_prompt_colour(prior, color):
   assert nearest.count(color) >= 3, (color, nearest)
 
 
-PROMPTS = ["a red cube", "a blue sphere"]
+# Chosen before any result of them was seen: the two shapes and the two colours that
+# configs/toy.py was not tuned on ("a red cube" and "a blue sphere" were), and the two
+# shapes whose 3D features (a cone's point and base, a torus's hole) side views miss.
+PROMPTS = ["a yellow cone", "a green torus"]
+
+# Thresholds of the 3D scores (toy_score.score_arrays). Each comment gives the untrained
+# blob's number (step 0, seed 0: the baseline row, also computed and checked below) and
+# the step-3000 prior's (a 400-step run of configs/toy.py, seed 0, 2026-11-25).
+# ("min", key, value): score >= value; ("max", key, value): score <= value.
+THRESHOLDS = {
+    "a yellow cone": [
+        ("min", "volume_iou", 0.20),  # blob 0.000 (fog below the occupancy density), prior 0.313
+        ("min", "volume_margin", 0.07),  # blob 0.000 (empty against every shape), prior +0.138
+        ("min", "silhouette_margin", 0.15),  # blob -0.143 (the sphere's 0.715 beats the cone's 0.573), prior +0.297
+        ("max", "color_distance", 0.40),  # blob 0.638 (grey 0.5), prior 0.238 (over-saturated (1.00, 1.00, 0.00))
+    ],
+    "a green torus": [
+        ("min", "volume_iou", 0.45),  # blob 0.000, prior 0.639
+        ("min", "volume_margin", 0.12),  # blob 0.000, prior +0.231 (over the sphere's 0.408)
+        ("min", "silhouette_margin", 0.08),  # blob +0.000 (torus 0.716, sphere 0.715), prior +0.175
+        # The blob's grey is nearest to green, so the nearest-colour check cannot tell them apart
+        # here; the distance does, by a thin margin: blob 0.502, prior 0.390 (over-saturated
+        # (0.00, 1.00, 0.00), 0.39 being that saturated green's distance from the true one).
+        ("max", "color_distance", 0.45),
+    ],
+}
+
+
+def _failures(score, thresholds):
+  return [f"{key} = {score[key]:.3f} ({'<' if kind == 'min' else '>'} {value})" for kind, key, value in thresholds
+          if (score[key] < value if kind == "min" else score[key] > value)]
 
 
 @pytest.fixture(scope="module")
-def text_to_3d(tmp_path_factory):
-  scores = {}
-  for text in PROMPTS:
-    config = toy.get_config()
-    config.prompt = text
-    config.train.render_video = config.train.export_mesh = False  # the README-command test covers them
-    workdir = str(tmp_path_factory.mktemp(text.replace(" ", "_")))
-    train.train_and_evaluate(config, workdir)
-    _, scene, params, step = runs.restore_scene(workdir)
-    scores[text] = toy_world.score_scene(scene, params, text, level_mask=scene.level_mask(step))
-    print(text, scores[text])
-  return scores
+def baseline():
+  """The untrained start of each prompt's run scored against the prompt (the blob)."""
+  return {r["prompt"]: r for r in toy_benchmark.baseline_rows(toy.get_config(), PROMPTS, [0])}
 
 
-@finished
+@pytest.fixture(scope="module")
+def text_to_3d(prior, tmp_path_factory):
+  del prior  # fails here when the shipped prior is missing or unfinished
+  workdir = str(tmp_path_factory.mktemp("toy_bench"))
+  # The benchmark's own run: configs/toy.py with the prompt and seed set, no video or mesh.
+  return {text: toy_benchmark.run_one(toy.get_config(), workdir, text, 0) for text in PROMPTS}
+
+
+@pytest.mark.parametrize("text", PROMPTS)
+def test_the_untrained_blob_fails_every_threshold(baseline, text):
+  score = baseline[text]
+  assert len(_failures(score, THRESHOLDS[text])) == len(THRESHOLDS[text]), toy_score.summary_line(score)
+  if text == "a yellow cone":
+    assert not score["right_color"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("text", PROMPTS)
-def test_text_to_3d_matches_the_prompt(text_to_3d, text):
+def test_text_to_3d_passes_every_threshold(text_to_3d, text):
   score = text_to_3d[text]
-  assert score["iou"] >= 0.6, score
-  assert score["color"] == score["prompt_color"], score
+  assert not _failures(score, THRESHOLDS[text]), (_failures(score, THRESHOLDS[text]), toy_score.summary_line(score))
+  assert score["right_color"] and score["best_volume_shape"] == score["prompt_shape"], toy_score.summary_line(score)
 
 
-@finished
 @pytest.mark.slow
-def test_a_wrong_prompt_scores_worse(text_to_3d):
-  cube, sphere = text_to_3d["a red cube"], text_to_3d["a blue sphere"]
-  assert cube["iou_by_shape"]["cube"] > cube["iou_by_shape"]["sphere"]
-  assert sphere["iou_by_shape"]["sphere"] > sphere["iou_by_shape"]["cube"]
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="issue 19: the step-3000 prior makes the torus a lens without a hole "
+                          "(centre opacity from above 1.00; ground truth 0.07, blob 0.94)")
+def test_the_torus_has_its_hole(text_to_3d):
+  # strict: once a prior makes the hole this xpasses, fails, and the marker must go; only the
+  # assertion below counts as the expected failure (a missing prior errors in the fixture).
+  score = text_to_3d["a green torus"]
+  assert score["centre_opacity_above"] < toy_score.HOLE_OPACITY, toy_score.summary_line(score)
 
 
-@shipped
 @pytest.mark.slow
-def test_readme_command_leaves_renders_a_video_and_a_mesh(tmp_path):
+def test_readme_command_leaves_renders_a_video_and_a_mesh(prior, tmp_path):
+  del prior  # fails first when the shipped prior is missing or unfinished
   # The README's first command (configs/toy.py), shortened by its "quick" variant, with
   # the end-of-run video and mesh that the full config writes.
   steps = toy.get_config("quick").train.steps
@@ -151,11 +187,10 @@ def test_readme_command_leaves_renders_a_video_and_a_mesh(tmp_path):
   assert np.all(np.abs((lo + hi) / 2) < 0.2 * bound), mesh.bounds
   assert np.linalg.norm(mesh.vertices, axis=-1).max() <= bound + 1e-3
   assert np.all(hi - lo > 0.3 * bound), mesh.bounds
-  # scripts/score_toy.py reports the run's IoU per shape and its colour.
+  # scripts/score_toy.py prints the 3D scores of toy_score for the run.
   scored = subprocess.run([sys.executable, "scripts/score_toy.py", f"--workdir={tmp_path}"], cwd=REPO,
                           capture_output=True, text=True, timeout=600, check=False)
   assert scored.returncode == 0, scored.stderr[-3000:]
   _, scene, params, step = runs.restore_scene(str(tmp_path))
-  score = toy_world.score_scene(scene, params, "a red cube", level_mask=scene.level_mask(step))
-  assert f"IoU(cube)={score['iou']:.3f}" in scored.stdout, scored.stdout
-  assert f"colour={score['color']} (prompt red)" in scored.stdout, scored.stdout
+  score = toy_score.score_scene(scene, params, "a red cube", level_mask=scene.level_mask(step))
+  assert f"{tmp_path} step {steps} {toy_score.summary_line(score)}" in scored.stdout, scored.stdout

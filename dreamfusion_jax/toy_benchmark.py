@@ -1,0 +1,249 @@
+"""The toy benchmark: a config run over toy prompts x seeds, scored in 3D, in tables.
+
+Each run trains in `<workdir>/<prompt>_seed<k>/` (scripts/train.py's layout) and, once
+scored, leaves `toy_score.json` there (and `toy_score_views.png`, the views scored); a run with that file is skipped, an unfinished one
+resumes from its checkpoints. The untrained start of each seed (the density blob the
+optimisation begins from) is scored against every prompt too: the baseline every
+threshold is set against. `format_markdown` and the JSON result hold per-run rows, the
+baseline rows and the summary (mean and min of each score; how many runs beat every
+other shape by `toy_score.MARGIN`, have the right colour, have a torus's hole).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from typing import Callable, Optional, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+
+from dreamfusion_jax import files, images, runs, toy_score, toy_world
+from dreamfusion_jax import scene as scene_lib
+
+RESULT_FILE = "toy_score.json"
+VIEWS_FILE = "toy_score_views.png"  # toy_score.views_image: what the scores saw
+TABLE_BASENAME = "toy_benchmark"
+
+
+class WorkdirError(ValueError):
+  """A run directory that holds a scored run of another config."""
+
+
+# (key of a score row, column title): the numbers summarised by mean and min.
+SCORE_COLUMNS = (
+    ("silhouette_iou", "sil IoU"),
+    ("silhouette_margin", "sil margin"),
+    ("volume_iou", "vol IoU"),
+    ("volume_margin", "vol margin"),
+    ("centre_opacity_above", "top centre opacity"),
+    ("color_distance", "colour dist"),
+)
+
+
+def run_name(prompt: str, seed: int) -> str:
+  """The run's directory under the benchmark's workdir: "a_green_torus_seed0"."""
+  return f"{prompt.replace(' ', '_')}_seed{seed}"
+
+
+def run_config(config: ml_collections.ConfigDict, prompt: str, seed: int) -> ml_collections.ConfigDict:
+  """The config of one run: `config` with the prompt and seed set, and no end-of-run
+  video or mesh (the scores do not look at them; validation renders are still written)."""
+  c = config.copy_and_resolve_references()
+  c.prompt, c.seed = prompt, seed
+  c.train.render_video = False
+  if "export_mesh" in c.train:
+    c.train.export_mesh = False
+  return c
+
+
+def config_fingerprint(config: ml_collections.ConfigDict) -> str:
+  return hashlib.sha256(config.to_json_best_effort(sort_keys=True).encode()).hexdigest()[:16]
+
+
+def untrained_observation(config: ml_collections.ConfigDict) -> dict:
+  """`toy_score.observe_scene` of the scene a run of `config` starts from (step 0).
+
+  The parameters are drawn from the key `runs.setup_run` uses, so this is the run's own
+  start; it does not depend on the prompt, so one observation serves every prompt.
+  """
+  scene = scene_lib.build_scene(config)
+  init_key, _ = jax.random.split(jax.random.PRNGKey(config.seed))  # as runs.setup_run
+  params = jax.jit(scene.init)(init_key)
+  return toy_score.observe_scene(scene, params, level_mask=scene.level_mask(0))
+
+
+def run_one(config: ml_collections.ConfigDict, workdir: str, prompt: str, seed: int, *,
+            train_fn: Optional[Callable[[ml_collections.ConfigDict, str], object]] = None,
+            log: Callable[[str], None] = print) -> dict:
+  """Trains (or resumes, or skips) one run and returns its row of scores.
+
+  Args:
+    config: the benchmark's config (prompt and seed are set here).
+    workdir: the benchmark's directory; the run lives in workdir/run_name(prompt, seed).
+    train_fn: (config, run_dir) -> anything; default train.train_and_evaluate.
+
+  Returns:
+    `toy_score.score_arrays`'s dict plus "seed", "step", "train_wall_s" (seconds of
+    training in the process that finished it), "resumed" (it continued an earlier
+    process's checkpoints) and "config_fingerprint".
+
+  Raises:
+    WorkdirError: the run directory holds a scored run of another config.
+  """
+  cfg = run_config(config, prompt, seed)
+  run_dir = os.path.join(workdir, run_name(prompt, seed))
+  result_path = os.path.join(run_dir, RESULT_FILE)
+  fingerprint = config_fingerprint(cfg)
+  if os.path.exists(result_path):
+    with open(result_path) as f:
+      row = json.load(f)
+    if row.get("config_fingerprint") != fingerprint:
+      raise WorkdirError(f"{run_dir} holds a run of another config (fingerprint {row.get('config_fingerprint')}, "
+                       f"this config's is {fingerprint}): pass another --workdir")
+    log(f"{run_dir}: scored already, skipped")
+    return row
+  if train_fn is None:
+    from dreamfusion_jax import train  # the training loop only when something is trained
+
+    train_fn = train.train_and_evaluate
+  checkpoints = os.path.join(run_dir, runs.CHECKPOINT_DIR)
+  resumed = os.path.isdir(checkpoints) and bool(os.listdir(checkpoints))
+  log(f"{run_dir}: training {prompt!r} seed {seed}" + (" (resuming)" if resumed else ""))
+  start = time.perf_counter()
+  train_fn(cfg, run_dir)
+  wall_s = time.perf_counter() - start
+  _, scene, params, step = runs.restore_scene(run_dir)
+  observation = toy_score.observe_scene(scene, params, level_mask=scene.level_mask(step))
+  score = toy_score.score_arrays(prompt, **observation)
+  images.save_png(os.path.join(run_dir, VIEWS_FILE), toy_score.views_image(observation, score["prompt_shape"]))
+  row = {**score, "seed": seed, "step": step, "train_wall_s": wall_s, "resumed": resumed,
+         "config_fingerprint": fingerprint}
+  files.write_text(result_path, json.dumps(row, indent=1))
+  log(toy_score.summary_line(score))
+  return row
+
+
+def baseline_rows(config: ml_collections.ConfigDict, prompts: Sequence[str], seeds: Sequence[int]) -> list[dict]:
+  """The untrained start of each seed scored against each prompt."""
+  rows = []
+  for seed in seeds:
+    observation = untrained_observation(run_config(config, prompts[0], seed))
+    rows += [{**toy_score.score_arrays(p, **observation), "seed": seed, "step": 0} for p in prompts]
+  return rows
+
+
+def summarise(rows: Sequence[dict]) -> dict:
+  """Mean and min of each score column, and the counts the acceptance figures use."""
+  if not rows:
+    return {"num_runs": 0}
+  out = {"num_runs": len(rows)}
+  for key, _ in SCORE_COLUMNS:
+    values = np.array([r[key] for r in rows], np.float64)
+    out[f"{key}_mean"], out[f"{key}_min"] = float(values.mean()), float(values.min())
+  torus = [r for r in rows if r["prompt_shape"] == "torus"]
+  out.update({
+      "own_shape_best_volume": sum(r["volume_margin"] > 0 for r in rows),
+      "volume_margin_at_least": sum(r["volume_margin"] >= toy_score.MARGIN for r in rows),
+      "silhouette_margin_at_least": sum(r["silhouette_margin"] >= toy_score.MARGIN for r in rows),
+      "right_color": sum(bool(r["right_color"]) for r in rows),
+      "torus_runs": len(torus),
+      "torus_with_hole": sum(bool(r["has_hole"]) for r in torus),
+  })
+  return out
+
+
+def machine() -> dict:
+  return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+          "cpu_count": os.cpu_count(), "jax_devices": [str(d) for d in jax.devices()], "jax_version": jax.__version__}
+
+
+def run_benchmark(config: ml_collections.ConfigDict, workdir: str, *, prompts: Sequence[str], seeds: Sequence[int],
+                  train_fn=None, log: Callable[[str], None] = print) -> dict:
+  """Every run of prompts x seeds (seed-major), the baseline and the summary.
+
+  Raises:
+    ValueError: a prompt that is not a toy prompt (before anything is trained).
+  """
+  for p in prompts:
+    toy_world.parse_prompt(p)
+  start = time.perf_counter()
+  rows = [run_one(config, workdir, p, s, train_fn=train_fn, log=log) for s in seeds for p in prompts]
+  baseline = baseline_rows(config, prompts, seeds)
+  return {"machine": machine(), "config": json.loads(config.to_json_best_effort()), "prompts": list(prompts),
+          "seeds": list(seeds),
+          "wall_s": time.perf_counter() - start, "runs": rows, "baseline": baseline,
+          "summary": {"runs": summarise(rows), "baseline": summarise(baseline)},
+          "measures": {"margin": toy_score.MARGIN, "hole_opacity": toy_score.HOLE_OPACITY,
+                       "elevations_deg": list(toy_score.SILHOUETTE_ELEVATIONS_DEG),
+                       "grid_resolution": toy_score.GRID_RESOLUTION,
+                       "occupancy_density": toy_score.OCCUPANCY_DENSITY}}
+
+
+def _cell(value) -> str:
+  if isinstance(value, bool):
+    return "yes" if value else "no"
+  if isinstance(value, float):
+    return f"{value:.3f}"
+  return str(value)
+
+
+def _markdown(header: Sequence[str], rows: Sequence[Sequence]) -> list[str]:
+  lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+  return lines + ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+
+
+def _wall(row: dict) -> str:
+  if "train_wall_s" not in row:
+    return "-"
+  # A resumed run's time covers only the process that finished it.
+  return f"{row['train_wall_s']:.0f}" + (" (resumed)" if row.get("resumed") else "")
+
+
+def run_table(rows: Sequence[dict], label: str) -> list[str]:
+  """Markdown lines: one row per run (label "run" or "baseline")."""
+  header = ["row", "prompt", "seed", *(title for _, title in SCORE_COLUMNS), "best vol shape", "colour",
+            "train wall s"]
+  body = [[label, r["prompt"], r["seed"], *(r[k] for k, _ in SCORE_COLUMNS), r["best_volume_shape"], r["color"],
+           _wall(r)] for r in rows]
+  return _markdown(header, body)
+
+
+def summary_table(summary: dict) -> list[str]:
+  """Markdown lines: mean and min of each score and the counts, for the runs and the baseline."""
+  header = ["rows", "n", *(f"{title} {stat}" for _, title in SCORE_COLUMNS for stat in ("mean", "min")),
+            "own shape best (vol)", f"vol margin >= {toy_score.MARGIN:g}", f"sil margin >= {toy_score.MARGIN:g}",
+            "right colour", "torus with hole"]
+  body = []
+  for name in ("runs", "baseline"):
+    s = summary[name]
+    if not s["num_runs"]:
+      continue
+    n = s["num_runs"]
+    body.append([name, n, *(s[f"{k}_{stat}"] for k, _ in SCORE_COLUMNS for stat in ("mean", "min")),
+                 f"{s['own_shape_best_volume']}/{n}", f"{s['volume_margin_at_least']}/{n}",
+                 f"{s['silhouette_margin_at_least']}/{n}", f"{s['right_color']}/{n}",
+                 f"{s['torus_with_hole']}/{s['torus_runs']}"])
+  return _markdown(header, body)
+
+
+def format_markdown(result: dict) -> str:
+  m = result["machine"]
+  lines = [f"Toy benchmark: {len(result['runs'])} runs ({len(result['prompts'])} prompts x seeds "
+           f"{result['seeds']}) on {m['processor']} x{m['cpu_count']} ({m['platform']}, jax {m['jax_version']}); "
+           f"benchmark wall time {result['wall_s']:.0f} s.", ""]
+  lines += run_table(result["runs"], "run") + run_table(result["baseline"], "baseline")[2:]
+  lines += ["", *summary_table(result["summary"])]
+  return "\n".join(lines) + "\n"
+
+
+def write_tables(result: dict, workdir: str) -> tuple[str, str]:
+  """Writes workdir/toy_benchmark.md and .json (atomically); returns their paths."""
+  md, js = (os.path.join(workdir, f"{TABLE_BASENAME}.{ext}") for ext in ("md", "json"))
+  files.write_text(js, json.dumps(result, indent=1))
+  files.write_text(md, format_markdown(result))
+  return md, js

@@ -1,0 +1,125 @@
+"""The toy benchmark's bookkeeping: runs, resume, the baseline and the tables.
+
+Training is replaced by a stand-in that saves the run's untrained state as its final
+checkpoint, so a run's row (restored from disk, scored) must equal the baseline row
+(built from the config directly): two paths to the same field.
+"""
+
+import json
+import os
+
+import imageio.v3 as iio
+import jax
+import numpy as np
+import pytest
+
+from configs import toy
+from dreamfusion_jax import runs, scene as scene_lib, state as state_lib, toy_benchmark, toy_score
+from dreamfusion_jax.checkpoints import Checkpointer
+
+PROMPTS = ["a yellow cone", "a green torus"]
+
+
+def _save_untrained(config, run_dir):
+  """Stands in for training: writes config.json and the step-0 state as a checkpoint."""
+  os.makedirs(run_dir, exist_ok=True)
+  with open(os.path.join(run_dir, runs.CONFIG_FILE), "w") as f:
+    f.write(config.to_json_best_effort())
+  scene = scene_lib.build_scene(config)
+  tx = state_lib.make_optimizer(config.optim, config.train.steps)
+  init_key, _ = jax.random.split(jax.random.PRNGKey(config.seed))
+  checkpointer = Checkpointer(os.path.join(run_dir, runs.CHECKPOINT_DIR), max_to_keep=1)
+  checkpointer.save(0, state_lib.create_train_state(scene, tx, init_key))
+  checkpointer.wait()
+  checkpointer.close()
+  _save_untrained.calls += 1
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("bench"))
+  _save_untrained.calls = 0
+  result = toy_benchmark.run_benchmark(toy.get_config("quick"), workdir, prompts=PROMPTS, seeds=[0],
+                                       train_fn=_save_untrained, log=lambda _: None)
+  return workdir, result
+
+
+def test_a_run_row_is_its_restored_field_scored(bench):
+  _, result = bench
+  assert [r["prompt"] for r in result["runs"]] == PROMPTS == [r["prompt"] for r in result["baseline"]]
+  for run, base in zip(result["runs"], result["baseline"]):
+    assert run["step"] == 0 and base["step"] == 0 and not run["resumed"]
+    for key in ("silhouette_iou", "volume_iou", "centre_opacity_above", "color_distance"):
+      assert run[key] == pytest.approx(base[key], abs=1e-6), key
+
+
+def test_each_run_leaves_the_views_it_was_scored_on(bench):
+  workdir, _ = bench
+  image = iio.imread(os.path.join(workdir, toy_benchmark.run_name(PROMPTS[1], 0), toy_benchmark.VIEWS_FILE))
+  assert image.shape == (9 * 64, 8 * 64, 3)
+  # Row 9 starts with the result's view from above, then the torus's truth: a ring round a hole.
+  truth_top = image[8 * 64:, 64:128, 0].astype(float) / 255
+  assert truth_top[30:34, 30:34].mean() < 0.1 and truth_top[32, 32 + 14] > 0.9
+
+
+def test_scored_runs_are_skipped_and_another_config_is_refused(bench):
+  workdir, result = bench
+  calls = _save_untrained.calls
+  again = [toy_benchmark.run_one(toy.get_config("quick"), workdir, p, 0, train_fn=_save_untrained, log=lambda _: None)
+           for p in PROMPTS]
+  assert _save_untrained.calls == calls  # nothing trained
+  assert again == result["runs"]
+  other = toy.get_config("quick")
+  other.train.steps = 7
+  with pytest.raises(toy_benchmark.WorkdirError, match="another config"):
+    toy_benchmark.run_one(other, workdir, PROMPTS[0], 0, train_fn=_save_untrained, log=lambda _: None)
+
+
+def test_bad_prompt_fails_before_anything_is_trained(tmp_path):
+  with pytest.raises(ValueError, match="a red dog"):
+    toy_benchmark.run_benchmark(toy.get_config("quick"), str(tmp_path), prompts=["a green torus", "a red dog"],
+                                seeds=[0], train_fn=_save_untrained)
+  assert os.listdir(tmp_path) == []
+
+
+def _row(prompt, shape, sil, vol_margin, sil_margin, above, right):
+  return {"prompt": prompt, "prompt_shape": shape, "seed": 0, "silhouette_iou": sil, "silhouette_margin": sil_margin,
+          "volume_iou": sil, "volume_margin": vol_margin, "centre_opacity_above": above, "color_distance": 0.1,
+          "right_color": right, "has_hole": above < toy_score.HOLE_OPACITY, "best_volume_shape": shape,
+          "color": "red"}
+
+
+def test_summary_counts_and_statistics_by_hand():
+  rows = [_row("a red torus", "torus", 0.9, 0.10, 0.01, 0.2, True),
+          _row("a red cube", "cube", 0.5, 0.03, 0.06, 1.0, True),
+          _row("a blue torus", "torus", 0.7, -0.2, -0.1, 0.9, False)]
+  s = toy_benchmark.summarise(rows)
+  assert s["num_runs"] == 3
+  assert s["silhouette_iou_mean"] == pytest.approx(0.7) and s["silhouette_iou_min"] == 0.5
+  assert s["volume_margin_mean"] == pytest.approx(-0.07 / 3) and s["volume_margin_min"] == -0.2
+  assert (s["own_shape_best_volume"], s["volume_margin_at_least"], s["silhouette_margin_at_least"]) == (2, 1, 1)
+  assert (s["right_color"], s["torus_runs"], s["torus_with_hole"]) == (2, 2, 1)
+
+
+def test_tables_hold_every_row_and_the_summary(bench):
+  workdir, result = bench
+  md_path, json_path = toy_benchmark.write_tables(result, workdir)
+  with open(json_path) as f:
+    assert json.load(f)["runs"] == json.loads(json.dumps(result["runs"]))
+  with open(md_path) as f:
+    text = f.read()
+  tables = [block.splitlines() for block in text.split("\n\n") if block.startswith("|")]
+  assert len(tables) == 2
+  runs_table, summary = tables
+  header = [c.strip() for c in runs_table[0].strip("|").split("|")]
+  assert header[:4] == ["row", "prompt", "seed", "sil IoU"] and header[-1] == "train wall s"
+  cells = [[c.strip() for c in line.strip("|").split("|")] for line in runs_table[2:]]
+  assert [(c[0], c[1]) for c in cells] == [("run", p) for p in PROMPTS] + [("baseline", p) for p in PROMPTS]
+  assert all(len(c) == len(header) for c in cells)
+  assert cells[0][3] == f"{result['runs'][0]['silhouette_iou']:.3f}" and cells[2][-1] == "-"
+  summary_cells = [[c.strip() for c in line.strip("|").split("|")] for line in summary[2:]]
+  assert [c[0] for c in summary_cells] == ["runs", "baseline"]
+  n_hole = result["summary"]["runs"]["torus_with_hole"]
+  assert summary_cells[0][-1] == f"{n_hole}/1"
+  np.testing.assert_allclose(float(summary_cells[1][2]), result["summary"]["baseline"]["silhouette_iou_mean"],
+                             atol=1e-3)
