@@ -155,6 +155,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   cl.initialization_timeout_s = 300  # how long to wait for every process to join
   cl.heartbeat_timeout_s = 100  # JAX's: a peer silent this long is dead and the job aborts
   cl.peer_timeout_s = 30  # ours: a peer silent this long ends every process with one line
+  # How long processes wait for each other at exit: process 0 may still be writing the
+  # end-of-run video and mesh while the others are done.
+  cl.shutdown_timeout_s = 3600
+  cl.stop_check_every = 10  # steps between the processes' agreement on a stop request (SIGTERM)
 
   if variant == "small":
     t.steps = 2000

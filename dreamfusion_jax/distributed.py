@@ -34,7 +34,8 @@ def initialize(cluster: ml_collections.ConfigDict) -> None:
   Args:
     cluster: coordinator_address ("" = from the environment / auto-detect),
       num_processes (0 = auto), process_id (-1 = auto), initialization_timeout_s,
-      heartbeat_timeout_s (how long a silent peer is waited for before the job fails).
+      heartbeat_timeout_s (how long a silent peer is waited for before the job fails),
+      shutdown_timeout_s (how long processes wait for each other at exit).
   """
   # On CPU, cross-process collectives need an implementation (gloo ships with jaxlib);
   # GPU and TPU backends bring their own and ignore this setting.
@@ -45,6 +46,7 @@ def initialize(cluster: ml_collections.ConfigDict) -> None:
       "process_id": cluster.process_id if cluster.process_id >= 0 else None,
       "initialization_timeout": int(cluster.initialization_timeout_s),
       "heartbeat_timeout_seconds": int(cluster.heartbeat_timeout_s),
+      "shutdown_timeout_seconds": int(cluster.shutdown_timeout_s),
   }
   try:
     jax.distributed.initialize(**kwargs)

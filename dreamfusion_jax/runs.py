@@ -68,10 +68,9 @@ def setup_run(config: ml_collections.ConfigDict, *, guidance_and_params=None) ->
                                                   config.guidance.view_dependent)
   scene = scene_lib.build_scene(config)
   tx = state_lib.make_optimizer(config.optim, config.train.steps)
-  init_key, base_key = jax.random.split(jax.random.PRNGKey(config.seed))
-  state = state_lib.create_train_state(scene, tx, init_key)
+  state = state_lib.create_train_state(scene, tx, state_lib.init_key(config.seed))
   return RunParts(config=config, guidance=guidance, guidance_params=gparams, embeddings=embeddings, scene=scene,
-                  tx=tx, state=state, base_key=base_key)
+                  tx=tx, state=state, base_key=state_lib.base_key(config.seed))
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -133,18 +132,22 @@ def restore_scene(workdir: str, step: Optional[int] = None) -> tuple[ml_collecti
   Returns:
     (config, scene, params, step).
   """
-  from dreamfusion_jax.checkpoints import Checkpointer
+  from dreamfusion_jax import checkpoints
 
   check_run_dir(workdir, step)
   config = load_config(workdir)
   scene = scene_lib.build_scene(config)
   tx = state_lib.make_optimizer(config.optim, config.train.steps)
   template = jax.eval_shape(lambda: state_lib.create_train_state(scene, tx, jax.random.PRNGKey(0)))
-  checkpointer = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), max_to_keep=config.train.keep_checkpoints,
-                              create=False)
+  checkpointer = checkpoints.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR),
+                                         max_to_keep=config.train.keep_checkpoints, create=False)
   try:
     if step is not None:
-      state = checkpointer.restore(template, step)
+      try:
+        state = checkpointer.restore(template, step)
+      except Exception as e:  # pylint: disable=broad-except  (orbax/TensorStore: any read failure)
+        raise checkpoints.CheckpointError(f"checkpoint {checkpointer.directory}/{step} cannot be read "
+                                          f"({str(e).strip().splitlines()[0][:200] if str(e).strip() else e!r})") from None
     else:
       state, restored, damaged = checkpointer.restore_newest_good(template)
       if damaged:

@@ -68,3 +68,13 @@ def create_train_state(scene: scene_lib.Scene, tx: optax.GradientTransformation,
                     num_skipped=jnp.zeros((), jnp.int32))
 
 
+def init_key(seed: int) -> Array:
+  """The key a run's scene parameters are initialised with (the other half of the
+  split is the run's base key for per-step randomness)."""
+  return jax.random.split(jax.random.PRNGKey(seed))[0]
+
+
+def base_key(seed: int) -> Array:
+  """The key every step's randomness is folded from: fold_in(base_key, step)."""
+  return jax.random.split(jax.random.PRNGKey(seed))[1]
+

@@ -24,6 +24,7 @@ import numpy as np
 
 from dreamfusion_jax import files, images, runs, toy_score, toy_world
 from dreamfusion_jax import scene as scene_lib
+from dreamfusion_jax import state as state_lib
 
 RESULT_FILE = "toy_score.json"
 VIEWS_FILE = "toy_score_views.png"  # toy_score.views_image: what the scores saw
@@ -72,8 +73,7 @@ def untrained_observation(config: ml_collections.ConfigDict) -> dict:
   start; it does not depend on the prompt, so one observation serves every prompt.
   """
   scene = scene_lib.build_scene(config)
-  init_key, _ = jax.random.split(jax.random.PRNGKey(config.seed))  # as runs.setup_run
-  params = jax.jit(scene.init)(init_key)
+  params = jax.jit(scene.init)(state_lib.init_key(config.seed))
   return toy_score.observe_scene(scene, params, level_mask=scene.level_mask(0))
 
 

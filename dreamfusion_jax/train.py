@@ -244,6 +244,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   cl = config.cluster
   check(cl.num_processes >= 0, f"config.cluster.num_processes must be >= 0 (0: auto), got {cl.num_processes}")
   check(cl.process_id >= -1, f"config.cluster.process_id must be >= 0, or -1 for auto, got {cl.process_id}")
+  for name in ("peer_timeout_s", "heartbeat_timeout_s", "shutdown_timeout_s", "stop_check_every"):
+    check(cl[name] > 0, f"config.cluster.{name} must be > 0, got {cl[name]}")
   check(config.optim.lr > 0, f"config.optim.lr must be > 0, got {config.optim.lr}")
   for name in ("radius_range", "elevation_range_deg", "azimuth_range_deg", "fovy_range_deg",
                "light_distance_range"):
@@ -325,6 +327,19 @@ def _any_process(flag: bool) -> bool:
   return bool(np.any(multihost_utils.process_allgather(np.asarray([flag]))))
 
 
+def _check_same_step(step: int) -> None:
+  """Every process must resume from the same step; they differ when the workdir is not
+  on storage that every host sees (each host then reads its own, or no, checkpoint)."""
+  if jax.process_count() == 1:
+    return
+  from jax.experimental import multihost_utils
+
+  steps = np.asarray(multihost_utils.process_allgather(np.asarray([step], np.int64))).ravel()
+  if len(set(steps.tolist())) > 1:
+    raise errors.InputError(f"the processes of the job resumed from different steps {steps.tolist()}: --workdir must "
+                            f"be on storage that every host sees")
+
+
 def _sync_processes(name: str) -> None:
   """Waits until every process of a multi-process job reaches this point."""
   if jax.process_count() > 1:
@@ -356,6 +371,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   scene, tx = run.scene, run.tx
   settings = StepSettings.from_config(config, num_devices=jax.device_count())
   state = runs.resume_state(config, workdir, run.state)
+  _check_same_step(int(state.step))
   is_writer = jax.process_index() == 0  # only process 0 writes logs, images, config, meshes
   runs.make_workdir(workdir)
   if is_writer:
@@ -401,7 +417,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
           metrics["num_skipped"] = float(_unreplicate(p_state.num_skipped))
           writer.write(step, metrics)
           bar.set_postfix(loss=f"{metrics['loss']:.4g}", skipped=int(metrics["num_skipped"]))
-        stopping = _any_process(stop.signal is not None)  # every process saves the same steps
+        # Every process saves the same steps. A stop is agreed every stop_check_every steps
+        # (a sync of all hosts) and at the last one; one process alone never acts on it.
+        stopping = stop.signal is not None
+        if jax.process_count() > 1:
+          check = step % config.cluster.stop_check_every == 0 or step == t.steps
+          stopping = _any_process(stopping) if check else False
         if checkpoints.due(step, every=t.ckpt_every, last=t.steps, stopping=stopping):
           checkpointer.save(step, _unreplicate(p_state))
         if step % t.eval_every == 0 or step == t.steps:

@@ -10,6 +10,7 @@ import numpy as np
 
 from dreamfusion_jax import cameras as cameras_lib
 from dreamfusion_jax import images, scene as scene_lib
+from dreamfusion_jax import state as state_lib
 
 
 def eval_cameras(config: ml_collections.ConfigDict) -> cameras_lib.Cameras:
@@ -34,7 +35,7 @@ def validation_grid(renders: dict) -> np.ndarray:
 def save_untrained_render(config: ml_collections.ConfigDict, path: str) -> str:
   """Initialises the config's scene and writes its validation grid (the blob) to `path`."""
   scene = scene_lib.build_scene(config)
-  params = scene.init(jax.random.PRNGKey(config.seed))
+  params = scene.init(state_lib.init_key(config.seed))  # the key runs.setup_run initialises with
   render_fn = make_eval_renderer(scene, height=config.train.eval_height, width=config.train.eval_width,
                                  chunk_size=config.render.eval_chunk)
   renders = render_fn(params, eval_cameras(config), level_mask=scene.level_mask(0))

@@ -16,6 +16,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from dreamfusion_jax import cli
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:variant]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Parent directory of the runs and the tables.")
@@ -30,6 +32,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # orbax logs every save and restore at INFO
+  cli.apply_cpu_xla_flags()  # what training runs with (docs/performance.md); before JAX starts
   from dreamfusion_jax import guidance, toy_world
 
   prompts = _PROMPTS.value or [p for p, _, _ in toy_world.all_prompts()]
@@ -46,11 +49,11 @@ def main(argv):
   import jax
 
   jax.config.update("jax_compilation_cache_dir", _CACHE.value or os.path.join(_WORKDIR.value, ".jax_cache"))
-  from dreamfusion_jax import toy_benchmark, train
+  from dreamfusion_jax import errors, toy_benchmark
 
   try:
     result = toy_benchmark.run_benchmark(_CONFIG.value, _WORKDIR.value, prompts=prompts, seeds=seeds)
-  except (train.ConfigError, guidance.ModelNotFoundError, toy_benchmark.WorkdirError) as e:
+  except (errors.InputError, guidance.ModelNotFoundError, toy_benchmark.WorkdirError) as e:
     sys.exit(f"error: {e}")
   md, js = toy_benchmark.write_tables(result, _WORKDIR.value)
   print(toy_benchmark.format_markdown(result))
@@ -58,4 +61,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -54,7 +54,7 @@ def assert_one_line_error(result, *needles):
 
 @pytest.fixture(scope="module")
 def finished_run(tiny_sd, tmp_path_factory):
-  """A 6-step run with checkpoints at steps 3 and 6 (8 hash-grid levels)."""
+  """A 6-step run with checkpoints at steps 3 and 6 (4 hash-grid levels)."""
   workdir = tmp_path_factory.mktemp("finished") / "run"
   result = train(workdir, tiny_sd, "--config.field.num_levels=4")
   assert result.returncode == 0, result.stdout + result.stderr
@@ -116,10 +116,12 @@ def test_damaged_latest_checkpoint_is_named_and_nothing_is_deleted(run_copy, tin
   assert snapshot(run_copy) == before
 
   # Readers (export, score) fall back to the newest checkpoint that restores, saying so.
-  from dreamfusion_jax import runs
+  from dreamfusion_jax import checkpoints, runs
 
   _, _, _, step = runs.restore_scene(str(run_copy))
   assert step == 3
+  with pytest.raises(checkpoints.CheckpointError, match="checkpoints/6 cannot be read"):
+    runs.restore_scene(str(run_copy), 6)
   assert snapshot(run_copy) == before
 
 

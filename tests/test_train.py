@@ -73,7 +73,11 @@ def test_cli_runs_end_to_end(full_run):
   assert sorted(os.listdir(workdir / "checkpoints")) == ["12", "6", "9"]  # the last 3 kept
   assert sorted(os.listdir(workdir / "renders")) == ["step_000006.png", "step_000012.png"]
   assert json.load(open(workdir / "config.json"))["prompt"] == "a red cube"
-  assert any(f.startswith("events") for f in os.listdir(workdir / "tensorboard"))
+  events = [f for f in os.listdir(workdir / "tensorboard") if f.startswith("events")]
+  assert events
+  # The validation grids go to TensorBoard's image tab too: the "renders" tag with PNGs.
+  data = b"".join(open(workdir / "tensorboard" / f, "rb").read() for f in events)
+  assert data.count(b"renders") >= 2 and data.count(b"\x89PNG") >= 2
   # The parameters moved away from their initialisation.
   config, scene, params, step = runs.restore_scene(str(workdir))
   assert step == 12
