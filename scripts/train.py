@@ -45,7 +45,11 @@ def main(argv):
       train.train_and_evaluate(config, _WORKDIR.value)
   except (errors.InputError, guidance.ModelNotFoundError) as e:
     # Errors about the user's input: the message says what to change; a traceback would not help.
-    sys.exit(f"error: {e}")
+    # Exit at once: nothing is being written (bad input stops a run before it writes), and
+    # a failed checkpoint read leaves orbax's asyncio tasks to print tracebacks at interpreter exit.
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)
   except distributed.PeerLostError as e:
     lost(str(e))
 
