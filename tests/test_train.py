@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 
 from configs import dreamfusion
-from dreamfusion_jax import checkpoints, runs, scene as scene_lib, state as state_lib, train
-from dreamfusion_jax.guidance import prompts, tiny
+from dreamfusion_jax import checkpoints, runs, state as state_lib, train
+from dreamfusion_jax.guidance import tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Longer than the tiny variant's 6 steps so that a kill can land between checkpoints.
@@ -81,7 +81,7 @@ def test_cli_runs_end_to_end(full_run):
   # The parameters moved away from their initialisation.
   config, scene, params, step = runs.restore_scene(str(workdir))
   assert step == 12
-  init = scene.init(jax.random.split(jax.random.PRNGKey(config.seed))[0])
+  init = scene.init(state_lib.init_key(config.seed))
   moved = [float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree_util.tree_leaves(params),
                                                          jax.tree_util.tree_leaves(init))]
   assert max(moved) > 1e-3
@@ -163,18 +163,15 @@ def test_validate_config_names_every_problem():
 
 @pytest.fixture(scope="module")
 def step_parts(tiny_sd):
-  from dreamfusion_jax import guidance as guidance_lib
-
   config = dreamfusion.get_config("tiny")
   config.guidance.model = tiny_sd
-  guidance, gparams = guidance_lib.from_config(config.guidance)
-  embeddings = prompts.make_prompt_embeddings(guidance, gparams, "a red cube")
-  scene = scene_lib.build_scene(config)
-  tx = state_lib.make_optimizer(config.optim, config.train.steps)
+  config.prompt = "a red cube"
+  run = runs.setup_run(config)
+  scene, guidance, tx, state = run.scene, run.guidance, run.tx, run.state
+  gparams, embeddings = run.guidance_params, run.embeddings
   settings = train.StepSettings.from_config(config, num_devices=1)
   step = jax.jit(lambda s, g, e, k: train.train_step(s, g, e, k, scene=scene, guidance=guidance,
                                                      settings=settings, tx=tx, axis_name=None))
-  state = state_lib.create_train_state(scene, tx, jax.random.PRNGKey(0))
   return step, state, gparams, embeddings
 
 
@@ -205,17 +202,16 @@ DEVICE_CHECK = textwrap.dedent("""
     import sys
     import jax, numpy as np
     from configs import dreamfusion
-    from dreamfusion_jax import guidance as guidance_lib, scene as scene_lib, state as state_lib, train
-    from dreamfusion_jax.guidance import prompts
+    from dreamfusion_jax import runs, train
 
     assert jax.local_device_count() == 4, jax.devices()
     config = dreamfusion.get_config("tiny")
     config.guidance.model = sys.argv[1]
-    guidance, gparams = guidance_lib.from_config(config.guidance)
-    embeddings = prompts.make_prompt_embeddings(guidance, gparams, "a blue sphere")
-    scene = scene_lib.build_scene(config)
-    tx = state_lib.make_optimizer(config.optim, 10)
-    state = state_lib.create_train_state(scene, tx, jax.random.PRNGKey(0))
+    config.prompt = "a blue sphere"
+    config.train.steps = 10
+    parts = runs.setup_run(config)
+    guidance, gparams, embeddings = parts.guidance, parts.guidance_params, parts.embeddings
+    scene, tx, state = parts.scene, parts.tx, parts.state
 
     def run(num_devices, batch_size, steps=2):
       config.train.batch_size = batch_size
