@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from typing import Any, Optional
 
 import jax
@@ -22,6 +23,25 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from dreamfusion_jax import errors
+
+
+def _drop_closed_loop_noise() -> None:
+  """Installs (once) an unraisable-exception hook that drops `RuntimeError('Event loop
+  is closed')`: when orbax fails to read a damaged checkpoint it closes its event loop
+  while TensorStore still completes the outstanding reads, and each completion's
+  callback prints a traceback (dozens per failed read) around our one-line error.
+  Every other unraisable exception goes to the previous hook."""
+  previous = sys.unraisablehook
+  if getattr(previous, "_drops_closed_loop_noise", False):
+    return
+
+  def hook(unraisable):
+    if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+      return
+    previous(unraisable)
+
+  hook._drops_closed_loop_noise = True
+  sys.unraisablehook = hook
 
 
 class CheckpointError(errors.InputError):
@@ -75,10 +95,12 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    _drop_closed_loop_noise()
     return self._manager.restore(step, args=ocp.args.StandardRestore(_host_template(target)))
 
   def shape_mismatches(self, target: Any, step: int) -> list[str]:
     """Leaves whose saved shape differs from `target`'s (or that one side lacks)."""
+    _drop_closed_loop_noise()
     metadata = self._manager.item_metadata(step)
     tree = getattr(metadata, "tree", metadata)
     saved = leaf_shapes(tree, is_leaf=lambda x: hasattr(x, "shape") and not isinstance(x, (dict, list, tuple)))

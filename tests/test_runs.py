@@ -63,3 +63,19 @@ def test_workdir_checks_name_the_path(tmp_path):
     runs.check_run_dir(str(tmp_path / "new"))
   with pytest.raises(errors.InputError, match="has no config.json"):
     runs.check_run_dir(str(tmp_path))
+
+
+def test_orbax_closed_loop_noise_is_dropped_and_other_unraisables_pass(monkeypatch):
+  import sys
+  import types
+
+  from dreamfusion_jax import checkpoints
+
+  seen = []
+  monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(repr(u.exc_value)))
+  checkpoints._drop_closed_loop_noise()
+  checkpoints._drop_closed_loop_noise()  # installed once
+  sys.unraisablehook(types.SimpleNamespace(exc_value=RuntimeError("Event loop is closed")))
+  sys.unraisablehook(types.SimpleNamespace(exc_value=RuntimeError("something else")))
+  sys.unraisablehook(types.SimpleNamespace(exc_value=ValueError("Event loop is closed")))
+  assert seen == ["RuntimeError('something else')", "ValueError('Event loop is closed')"]
