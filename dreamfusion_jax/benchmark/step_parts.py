@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +21,6 @@ import ml_collections
 
 from dreamfusion_jax import runs, train
 from dreamfusion_jax import scene as scene_lib
-from dreamfusion_jax import state as state_lib
 from dreamfusion_jax.benchmark.measurement import Measurement, measure
 from dreamfusion_jax.guidance import prompts as prompts_lib
 from dreamfusion_jax.guidance import stable_diffusion as sd
@@ -33,18 +32,10 @@ COMPONENTS = ("train_step", "render_fwd_bwd", "vae_encode_fwd_bwd", "unet_cfg_fw
 
 
 @dataclasses.dataclass
-class StepParts:
-  """Everything a train step needs, built once: config, guidance, scene, state."""
+class StepParts(runs.RunParts):
+  """A run's parts (runs.RunParts) and the step's static settings for a device count."""
 
-  config: ml_collections.ConfigDict
-  guidance: Any
-  guidance_params: Any
-  embeddings: prompts_lib.PromptEmbeddings
-  scene: scene_lib.Scene
-  tx: Any
   settings: train.StepSettings
-  state: state_lib.TrainState
-  base_key: Array
 
 
 def build_step_parts(config: ml_collections.ConfigDict, *, guidance_and_params=None,
@@ -59,9 +50,7 @@ def build_step_parts(config: ml_collections.ConfigDict, *, guidance_and_params=N
   """
   run = runs.setup_run(config, guidance_and_params=guidance_and_params)
   settings = train.StepSettings.from_config(config, num_devices=num_devices)
-  return StepParts(config=config, guidance=run.guidance, guidance_params=run.guidance_params,
-                   embeddings=run.embeddings, scene=run.scene, tx=run.tx, settings=settings, state=run.state,
-                   base_key=run.base_key)
+  return StepParts(**{f.name: getattr(run, f.name) for f in dataclasses.fields(run)}, settings=settings)
 
 
 def train_step_fn(parts: StepParts, devices: Optional[Sequence[jax.Device]] = None) -> tuple[Callable, tuple]:
