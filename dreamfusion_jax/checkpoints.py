@@ -13,6 +13,7 @@ job. On restore every process reads the same files.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -27,10 +28,11 @@ from dreamfusion_jax import errors
 
 def _drop_closed_loop_noise() -> None:
   """Installs (once) an unraisable-exception hook that drops `RuntimeError('Event loop
-  is closed')`: when orbax fails to read a damaged checkpoint it closes its event loop
-  while TensorStore still completes the outstanding reads, and each completion's
-  callback prints a traceback (dozens per failed read) around our one-line error.
-  Every other unraisable exception goes to the previous hook."""
+  is closed')` and an asyncio log filter that drops "Task exception was never
+  retrieved": when orbax fails to read a damaged checkpoint it closes its event loop
+  while TensorStore still completes the outstanding reads, and each completion prints
+  a traceback (dozens per failed read) around our one-line error. Every other
+  unraisable exception and log record passes."""
   previous = sys.unraisablehook
   if getattr(previous, "_drops_closed_loop_noise", False):
     return
@@ -42,6 +44,10 @@ def _drop_closed_loop_noise() -> None:
 
   hook._drops_closed_loop_noise = True
   sys.unraisablehook = hook
+  # The same failed reads also leave asyncio tasks whose errors nobody retrieves (the
+  # error already reached us through the first one); asyncio logs each at exit.
+  logging.getLogger("asyncio").addFilter(
+      lambda record: not str(record.msg).startswith("Task exception was never retrieved"))
 
 
 class CheckpointError(errors.InputError):

@@ -79,3 +79,9 @@ def test_orbax_closed_loop_noise_is_dropped_and_other_unraisables_pass(monkeypat
   sys.unraisablehook(types.SimpleNamespace(exc_value=RuntimeError("something else")))
   sys.unraisablehook(types.SimpleNamespace(exc_value=ValueError("Event loop is closed")))
   assert seen == ["RuntimeError('something else')", "ValueError('Event loop is closed')"]
+  import logging
+
+  asyncio_log = logging.getLogger("asyncio")
+  never_retrieved = logging.LogRecord("asyncio", logging.ERROR, "", 0, "Task exception was never retrieved", (), None)
+  other = logging.LogRecord("asyncio", logging.ERROR, "", 0, "Executing <Task> took 1.2 seconds", (), None)
+  assert not asyncio_log.filter(never_retrieved) and asyncio_log.filter(other)
