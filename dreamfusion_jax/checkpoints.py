@@ -114,15 +114,15 @@ class Checkpointer:
     return sorted(f"{k}: saved {saved.get(k)} vs {wanted.get(k)}" for k in set(saved) | set(wanted)
                   if saved.get(k) != wanted.get(k))
 
-  def restore_newest_good(self, target: Any) -> tuple[Any, int, list[int]]:
-    """The newest checkpoint that restores, newest first.
+  def restore_newest_good(self, target: Any, *, below: Optional[int] = None) -> tuple[Any, int, list[int]]:
+    """The newest checkpoint that restores (of the steps before `below`, if given).
 
     Returns:
       (state, its step, the newer steps that failed to restore). Raises
       CheckpointError when none restores. Nothing is deleted.
     """
     damaged = []
-    for step in reversed(self.all_steps()):
+    for step in reversed([s for s in self.all_steps() if below is None or s < below]):
       try:
         return self.restore(target, step), step, damaged
       except Exception:  # pylint: disable=broad-except  (any failure to read means damaged)

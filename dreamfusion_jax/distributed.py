@@ -23,11 +23,6 @@ class PeerLostError(RuntimeError):
   """A collective failed because another process of the job died or lost contact."""
 
 
-def first_line(error: BaseException, limit: int = 200) -> str:
-  text = str(error).strip()
-  return text.splitlines()[0][:limit] if text else type(error).__name__
-
-
 def initialize(cluster: ml_collections.ConfigDict) -> None:
   """Joins the multi-process job described by `cluster` (config.cluster).
 
@@ -52,7 +47,7 @@ def initialize(cluster: ml_collections.ConfigDict) -> None:
     jax.distributed.initialize(**kwargs)
   except (ValueError, TypeError, RuntimeError) as e:
     raise ClusterError(
-        f"could not join the multi-process job ({first_line(e)}); outside an auto-detected cluster (Cloud TPU, "
+        f"could not join the multi-process job ({errors.first_line(e)}); outside an auto-detected cluster (Cloud TPU, "
         f"SLURM, ...) set --config.cluster.coordinator_address=HOST:PORT, --config.cluster.num_processes=N and "
         f"--config.cluster.process_id=I on every host (or JAX_COORDINATOR_ADDRESS)") from e
 
@@ -121,5 +116,5 @@ class PeerWatchdog:
       except Exception as e:  # pylint: disable=broad-except  (the coordinator itself is gone)
         if self._stop.is_set():
           return
-        self._on_lost(f"lost the job's coordinator (process 0): {first_line(e)}")
+        self._on_lost(f"lost the job's coordinator (process 0): {errors.first_line(e)}")
         return

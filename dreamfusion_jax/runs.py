@@ -147,7 +147,7 @@ def restore_scene(workdir: str, step: Optional[int] = None) -> tuple[ml_collecti
         state = checkpointer.restore(template, step)
       except Exception as e:  # pylint: disable=broad-except  (orbax/TensorStore: any read failure)
         raise checkpoints.CheckpointError(f"checkpoint {checkpointer.directory}/{step} cannot be read "
-                                          f"({str(e).strip().splitlines()[0][:200] if str(e).strip() else e!r})") from None
+                                          f"({errors.first_line(e)})") from None
     else:
       state, restored, damaged = checkpointer.restore_newest_good(template)
       if damaged:
@@ -238,18 +238,14 @@ def resume_state(config: ml_collections.ConfigDict, workdir: str, initial: state
     latest = steps[-1]
 
     def damaged(error: Exception) -> Exception:
-      good = None
-      for step in reversed([s for s in steps if s < latest]):
-        try:
-          checkpointer.restore(initial, step)
-          good = step
-          break
-        except Exception:  # pylint: disable=broad-except  (orbax/TensorStore: any read failure)
-          continue
-      reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-      hint = (f"the newest checkpoint that restores is step {good}: move {directory}/{latest} elsewhere to resume "
-              f"from it" if good is not None else "no older checkpoint restores: use a new --workdir")
-      return checkpoints.CheckpointError(f"checkpoint {directory}/{latest} is damaged ({reason}); {hint}")
+      try:
+        _, good, _ = checkpointer.restore_newest_good(initial, below=latest)
+        hint = (f"the newest checkpoint that restores is step {good}: move {directory}/{latest} elsewhere to "
+                f"resume from it")
+      except checkpoints.CheckpointError:
+        hint = "no older checkpoint restores: use a new --workdir"
+      return checkpoints.CheckpointError(f"checkpoint {directory}/{latest} is damaged ({errors.first_line(error)}); "
+                                         f"{hint}")
 
     try:
       mismatches = checkpointer.shape_mismatches(initial, latest)

@@ -438,7 +438,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     # A collective failed: another process of the job died or lost contact. Every
     # process must restart together; waiting on would only hang at the next barrier.
     raise distributed.PeerLostError(
-        f"lost contact with another process of the job at step {step} ({distributed.first_line(e)}); the newest "
+        f"lost contact with another process of the job at step {step} ({errors.first_line(e)}); the newest "
         f"checkpoint is step {checkpointer.latest_step()}") from None
   checkpointer.wait()
   checkpointer.close()
