@@ -124,7 +124,8 @@ def report(result: dict) -> str:
   lines.append(component_table(results, result["peak_flops_per_s"], None if reference is None else
                                {k: (v["median_s"], v["min_s"]) for k, v in reference.items()}))
   peaks = ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in result["peak_flops_per_s"].items())
-  lines += ["", f"matmul peak (2048^3 jnp.dot on this device): {peaks}; MFU % is against it"]
+  n = result.get("peak_matmul_size", 2048)
+  lines += ["", f"matmul peak ({n}^3 jnp.dot on this device): {peaks}; MFU % is against it"]
   peak_mem = result["device_peak_bytes"]
   lines.append("device peak memory: " + ("n/a (the backend reports none)" if peak_mem is None
                                          else f"{peak_mem / 2**20:.1f} MiB"))
