@@ -45,3 +45,59 @@ def run_name(overrides: dict[str, str]) -> str:
 
 def override_flags(overrides: dict[str, str]) -> list[str]:
   return [f"--config.{key}={value}" for key, value in overrides.items()]
+
+
+def groups(runs: list[dict[str, str]], scene_fields: tuple[str, ...]) -> list[list[dict[str, str]]]:
+  """The runs split into jobs: runs whose overrides differ only in `scene_fields` share
+  one multi-scene job (multiscene.py); any other swept field starts another job.
+  Jobs keep the grid's order."""
+  out: dict[tuple, list] = {}
+  for r in runs:
+    key = tuple(sorted((k, v) for k, v in r.items() if k not in scene_fields))
+    out.setdefault(key, []).append(r)
+  return list(out.values())
+
+
+def load_config_file(spec: str):
+  """`path[:variant]` -> the config its get_config(variant) returns (as --config reads it)."""
+  import importlib.util
+  import os
+
+  path, _, variant = spec.partition(":")
+  if not os.path.isfile(path):
+    raise ValueError(f"--config={spec}: no such config file {path!r}")
+  module_spec = importlib.util.spec_from_file_location("_sweep_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(variant) if variant else module.get_config()
+
+
+def apply_override(config, key: str, value: str) -> None:
+  """Sets config.<key> from its flag text, parsed as the field's own type (as
+  --config.<key>=<value> would be)."""
+  import ast
+
+  *path, leaf = key.split(".")
+  node = config
+  try:
+    for part in path:
+      node = node[part]
+    current = node[leaf]
+  except (KeyError, AttributeError):
+    raise ValueError(f"{key}={value}: the config has no field {key!r}") from None
+  try:
+    if isinstance(current, bool):
+      if value.lower() not in ("true", "false", "1", "0"):
+        raise ValueError(value)
+      parsed = value.lower() in ("true", "1")
+    elif isinstance(current, int):
+      parsed = int(value)
+    elif isinstance(current, float):
+      parsed = float(value)
+    elif isinstance(current, str):
+      parsed = value
+    else:
+      parsed = ast.literal_eval(value)
+  except (ValueError, SyntaxError):
+    raise ValueError(f"{key}={value}: not a valid {type(current).__name__}") from None
+  node[leaf] = parsed

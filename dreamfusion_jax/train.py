@@ -134,6 +134,7 @@ def train_step(
     settings: StepSettings,
     tx: optax.GradientTransformation,
     axis_name: Optional[str] = AXIS,
+    lr_scale: Optional[Array] = None,
 ) -> tuple[TrainState, dict]:
   """One DreamFusion step on this device's share of the global batch.
 
@@ -144,6 +145,9 @@ def train_step(
     base_key: the run's PRNG key; this step's key is fold_in(base_key, state.step).
     scene, guidance, settings, tx: static.
     axis_name: pmap axis to average over, or None when not mapped.
+    lr_scale: a scalar the field's updates are multiplied by (a multi-scene job's
+      optim.lr / the base config's; Adam's step is linear in its learning rate), or
+      None (the config's learning rate).
 
   Returns:
     new state and a dict of scalar metrics (already averaged across devices).
@@ -189,6 +193,8 @@ def train_step(
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
   updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+  if lr_scale is not None:
+    updates = {**updates, "field": jax.tree_util.tree_map(lambda u: u * lr_scale, updates["field"])}
   new_params = optax.apply_updates(state.params, updates)
   # A non-finite step leaves the parameters and the optimiser's moments untouched:
   # one bad guidance sample must not poison Adam's running averages.
@@ -444,22 +450,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   checkpointer.close()
   writer.close()
   final = _unreplicate(p_state)
-  finished = step >= t.steps
-  if config.train.render_video and is_writer and finished:
+  if step >= t.steps and is_writer:
+    write_final_outputs(config, scene, final.params, workdir, step)
+  return final
+
+
+def write_final_outputs(config: ml_collections.ConfigDict, scene, params, workdir: str, step: int) -> None:
+  """The end of a finished run: the turntable video and the mesh, where the config asks."""
+  if config.train.render_video:
     from dreamfusion_jax import video
 
-    paths = video.render_turntable(config, scene, final.params, os.path.join(workdir, "videos", f"step_{step:06d}"),
+    paths = video.render_turntable(config, scene, params, os.path.join(workdir, "videos", f"step_{step:06d}"),
                                    step=step)
     print(f"turntable video: {paths['mp4']}")
-  if config.train.export_mesh and is_writer and finished:
+  if config.train.export_mesh:
     from dreamfusion_jax import export
 
     try:
-      _, mesh_paths, _ = export.export_scene_mesh(config, scene, final.params,
+      _, mesh_paths, _ = export.export_scene_mesh(config, scene, params,
                                                   os.path.join(workdir, "export", f"mesh_{step:06d}.glb"),
                                                   step=step, resolution=int(config.train.mesh_resolution),
                                                   target_faces=int(config.train.mesh_target_faces))
       print(f"mesh: {mesh_paths[0]}")
     except ValueError as e:  # an empty field: training itself succeeded, so report and return
       print(f"mesh not exported: {e}")
-  return final

@@ -34,9 +34,43 @@ def test_duplicate_keys_are_rejected():
 def test_dry_run_prints_one_command_per_run(tmp_path):
   out = subprocess.run(
       [sys.executable, "scripts/sweep.py", "--config=configs/dreamfusion.py:tiny", f"--workdir={tmp_path}",
-       "--sweep=optim.lr=1e-2,5e-3", "--sweep=seed=0,1", "--set=prompt=a red cube", "--dry_run"],
+       "--sweep=optim.lr=1e-2,5e-3", "--sweep=seed=0,1", "--set=prompt=a red cube", "--dry_run",
+       "--separate_jobs"],
       capture_output=True, text=True, check=True)
   lines = [l for l in out.stdout.splitlines() if l.startswith("[")]
   assert len(lines) == 4
   assert all("'--config.prompt=a red cube'" in l for l in lines)
   assert any("--config.optim.lr=5e-3" in l and "--config.seed=1" in l and "lr=5e-3,seed=1" in l for l in lines)
+
+
+def test_runs_that_differ_in_scene_fields_share_a_job(tmp_path):
+  out = subprocess.run(
+      [sys.executable, "scripts/sweep.py", "--config=configs/dreamfusion.py:tiny", f"--workdir={tmp_path}",
+       "--sweep=optim.lr=1e-2,5e-3", "--sweep=guidance.guidance_scale=50,100", "--dry_run"],
+      capture_output=True, text=True, check=True)
+  lines = [l for l in out.stdout.splitlines() if l.startswith("[job")]
+  assert lines == ["[job 1/2] 2 scenes in one job: lr=1e-2,guidance_scale=50; lr=5e-3,guidance_scale=50",
+                   "[job 2/2] 2 scenes in one job: lr=1e-2,guidance_scale=100; lr=5e-3,guidance_scale=100"]
+
+
+def test_groups_split_on_the_other_fields():
+  grid = sweep.grid(["prompt=a,b", "render.num_samples=8,16", "seed=0,1"])
+  jobs = sweep.groups(grid, ("prompt", "seed", "optim.lr"))
+  assert [len(j) for j in jobs] == [4, 4]
+  assert {r["render.num_samples"] for r in jobs[0]} == {"8"}
+  assert {(r["prompt"], r["seed"]) for r in jobs[1]} == {("a", "0"), ("a", "1"), ("b", "0"), ("b", "1")}
+
+
+def test_overrides_are_parsed_as_the_fields_type():
+  from configs import dreamfusion
+
+  config = dreamfusion.get_config("tiny")
+  for key, value in [("optim.lr", "5e-3"), ("seed", "3"), ("prompt", "a cat"), ("train.render_video", "false"),
+                     ("cameras.radius_range", "(1.0, 2.0)")]:
+    sweep.apply_override(config, key, value)
+  assert (config.optim.lr, config.seed, config.prompt, config.train.render_video) == (5e-3, 3, "a cat", False)
+  assert tuple(config.cameras.radius_range) == (1.0, 2.0)
+  with pytest.raises(ValueError, match="no field 'optim.nope'"):
+    sweep.apply_override(config, "optim.nope", "1")
+  with pytest.raises(ValueError, match="seed=x: not a valid int"):
+    sweep.apply_override(config, "seed", "x")
