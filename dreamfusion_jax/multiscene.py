@@ -15,12 +15,13 @@ resume any one of them alone, and export and scoring read them as usual. Scene k
 job equals the single-scene run of its config (`tests/test_multiscene.py`): the same
 keys, views and arithmetic, vmapped.
 
-What may differ between the scenes of one job (`SCENE_FIELDS`): the prompt, the seed
-and `optim.lr` (the field's Adam step is linear in its learning rate, so scene k's
-updates are the base config's times lr_k / lr_0; exactly the same math, equal to float
-rounding). Any other difference (a shape, a loss weight, the guidance scale: static
-settings compiled into the step) is refused with one line: run those as separate jobs
-(`scripts/sweep.py` does both).
+What may differ between the scenes of one job (`SCENE_FIELDS`): the prompt, the seed,
+`optim.lr` (the field's Adam step is linear in its learning rate, so scene k's updates
+are the base config's times lr_k / lr_0: the same math, equal to float rounding), the
+guidance scale and the regularizer weights (traced per-scene scalars in place of the
+static settings: `train.train_step`'s `scene_values`). Any other difference (a shape,
+a schedule, a warm-up: settings compiled into the step) is refused with one line: run
+those as separate jobs (`scripts/sweep.py` does both).
 """
 
 from __future__ import annotations
@@ -40,7 +41,16 @@ from dreamfusion_jax import checkpoints, errors, runs
 from dreamfusion_jax import train as train_lib
 from dreamfusion_jax.state import TrainState
 
-SCENE_FIELDS = ("prompt", "seed", "optim.lr")
+SCENE_FIELDS = ("prompt", "seed", "optim.lr", "guidance.guidance_scale", "loss.orientation_weight",
+                "loss.opacity_weight", "loss.entropy_weight")
+# The numeric scene fields: train_step's scene_values key and the value of scene k.
+_SCENE_VALUES = {
+    "optim.lr": ("lr_scale", lambda c, base: c.optim.lr / base.optim.lr),
+    "guidance.guidance_scale": ("guidance_scale", lambda c, base: c.guidance.guidance_scale),
+    "loss.orientation_weight": ("orientation", lambda c, base: c.loss.orientation_weight),
+    "loss.opacity_weight": ("opacity", lambda c, base: c.loss.opacity_weight),
+    "loss.entropy_weight": ("entropy", lambda c, base: c.loss.entropy_weight),
+}
 SCENE_AXIS = "scenes"
 
 
@@ -121,18 +131,26 @@ def gather_scenes(tree: Any) -> Any:
 _STATE_AXES = TrainState(step=None, params=0, opt_state=0, num_skipped=0)
 
 
+def scene_values(configs: Sequence[ml_collections.ConfigDict]) -> dict[str, np.ndarray]:
+  """train_step's scene_values for the numeric fields that differ between `configs`:
+  {key: (N,) float32}; {} when only prompts and seeds differ."""
+  differ = set(differing_fields(configs))
+  return {key: np.asarray([fn(c, configs[0]) for c in configs], np.float32)
+          for field, (key, fn) in _SCENE_VALUES.items() if field in differ}
+
+
 def make_scene_step(scene, guidance, settings, tx, devices) -> Any:
   """`train.train_step` vmapped over the scene axis of (state, embeddings, key,
-  lr_scale), guidance parameters and the step counter shared, pmapped over `devices`;
-  the state is donated.
+  scene_values), guidance parameters and the step counter shared, pmapped over
+  `devices`; the state is donated.
 
   Arguments of the returned function: state (leaves (d, n, ...), step (d,)), guidance
-  params (d, ...), embeddings (d, n, ...), keys (d, n, 2), lr scales (d, n). Returns
-  the new state and metrics (d, n).
+  params (d, ...), embeddings (d, n, ...), keys (d, n, 2), scene values {key: (d, n)}.
+  Returns the new state and metrics (d, n).
   """
   step = functools.partial(train_lib.train_step, scene=scene, guidance=guidance, settings=settings, tx=tx,
                            axis_name=None)
-  per_device = jax.vmap(lambda s, g, e, k, lr: step(s, g, e, k, lr_scale=lr), in_axes=(_STATE_AXES, None, 0, 0, 0),
+  per_device = jax.vmap(lambda s, g, e, k, v: step(s, g, e, k, scene_values=v), in_axes=(_STATE_AXES, None, 0, 0, 0),
                         out_axes=(_STATE_AXES, 0))
   return jax.pmap(per_device, axis_name=SCENE_AXIS, donate_argnums=(0,), devices=devices)
 
@@ -155,7 +173,7 @@ class Job:
   """A multi-scene job's compiled-to-be step and its device arguments."""
   devices: list
   step: Any  # make_scene_step's function
-  args: tuple  # (state, guidance params, embeddings, keys, lr scales), sharded over devices
+  args: tuple  # (state, guidance params, embeddings, keys, scene values), sharded over devices
 
 
 def build_job(configs: Sequence[ml_collections.ConfigDict], parts: Sequence[runs.RunParts],
@@ -165,12 +183,11 @@ def build_job(configs: Sequence[ml_collections.ConfigDict], parts: Sequence[runs
   base = configs[0]
   devices = scene_devices(len(configs), jax.local_devices())
   settings = train_lib.StepSettings.from_config(base, num_devices=1)  # a scene's whole batch is on one device
-  lr_scales = np.asarray([c.optim.lr / base.optim.lr for c in configs], np.float32)
   args = (shard_states(states, devices),
           train_lib.replicate(parts[0].guidance_params, devices),
           shard_scenes(stack([jax.device_get(p.embeddings) for p in parts]), devices),
           shard_scenes(stack([jax.device_get(p.base_key) for p in parts]), devices),
-          shard_scenes(lr_scales, devices))
+          shard_scenes(scene_values(configs), devices))
   return Job(devices, make_scene_step(parts[0].scene, parts[0].guidance, settings, parts[0].tx, devices), args)
 
 
@@ -221,7 +238,7 @@ def train_scenes(configs: Sequence[ml_collections.ConfigDict], workdir: str, nam
 
   n = len(configs)
   job = build_job(configs, parts, states)
-  devices, p_step, (p_state, p_guidance, p_embeddings, p_keys, p_lr) = job.devices, job.step, job.args
+  devices, p_step, (p_state, p_guidance, p_embeddings, p_keys, p_values) = job.devices, job.step, job.args
   scene, t = first.scene, base.train
   eval_render = visualize.make_eval_renderer(scene, height=t.eval_height, width=t.eval_width,
                                              chunk_size=base.render.eval_chunk)
@@ -236,7 +253,7 @@ def train_scenes(configs: Sequence[ml_collections.ConfigDict], workdir: str, nam
   last_time, last_step = time.perf_counter(), start
   with checkpoints.StopRequest() as stop, tqdm(total=t.steps, initial=start, unit="step", dynamic_ncols=True) as bar:
     while step < t.steps:
-      p_state, p_metrics = p_step(p_state, p_guidance, p_embeddings, p_keys, p_lr)
+      p_state, p_metrics = p_step(p_state, p_guidance, p_embeddings, p_keys, p_values)
       step += 1
       bar.update(1)
       logging = step % t.log_every == 0 or step == t.steps

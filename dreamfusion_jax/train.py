@@ -134,7 +134,7 @@ def train_step(
     settings: StepSettings,
     tx: optax.GradientTransformation,
     axis_name: Optional[str] = AXIS,
-    lr_scale: Optional[Array] = None,
+    scene_values: Optional[dict] = None,
 ) -> tuple[TrainState, dict]:
   """One DreamFusion step on this device's share of the global batch.
 
@@ -145,9 +145,11 @@ def train_step(
     base_key: the run's PRNG key; this step's key is fold_in(base_key, state.step).
     scene, guidance, settings, tx: static.
     axis_name: pmap axis to average over, or None when not mapped.
-    lr_scale: a scalar the field's updates are multiplied by (a multi-scene job's
-      optim.lr / the base config's; Adam's step is linear in its learning rate), or
-      None (the config's learning rate).
+    scene_values: a multi-scene job's per-scene numbers (multiscene.py), traced
+      scalars replacing the static settings: "lr_scale" (the field's updates are
+      multiplied by it: optim.lr / the base config's, Adam's step being linear in its
+      learning rate), "guidance_scale", and the regularizer weights "orientation",
+      "opacity", "entropy". None: the config's values.
 
   Returns:
     new state and a dict of scalar metrics (already averaged across devices).
@@ -167,8 +169,10 @@ def train_step(
                        _anneal(step, settings.t_max, settings.t_max_end, settings.t_anneal_steps)])
   cond, uncond = prompts_lib.select_embeddings(prompt_embeddings, buckets)
   level_mask = scene.level_mask(step)
-  weights = {name: losses.ramped_weight(step, *getattr(settings, name))
+  values = scene_values or {}
+  weights = {name: losses.ramped_weight(step, values.get(name, getattr(settings, name)[0]), getattr(settings, name)[1])
              for name in ("orientation", "opacity", "entropy")}
+  guidance_kwargs = {"guidance_scale": values["guidance_scale"]} if "guidance_scale" in values else {}
 
   def loss_fn(params):
     out = scene_lib.render_views(
@@ -177,7 +181,7 @@ def train_step(
         solid_background=views["solid_background"], use_solid_background=views["use_solid_background"],
         level_mask=level_mask)
     guidance_loss, guidance_metrics = guidance.loss(guidance_params, out["rgb"], cond, uncond,
-                                                    views["guidance_keys"], t_range)
+                                                    views["guidance_keys"], t_range, **guidance_kwargs)
     regularizers = {"orientation": jnp.mean(out["orientation"]),
                     "opacity": jnp.mean(out["opacity_sparsity"]),
                     "entropy": jnp.mean(out["opacity_entropy"])}
@@ -193,8 +197,8 @@ def train_step(
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
   updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
-  if lr_scale is not None:
-    updates = {**updates, "field": jax.tree_util.tree_map(lambda u: u * lr_scale, updates["field"])}
+  if "lr_scale" in values:
+    updates = {**updates, "field": jax.tree_util.tree_map(lambda u: u * values["lr_scale"], updates["field"])}
   new_params = optax.apply_updates(state.params, updates)
   # A non-finite step leaves the parameters and the optimiser's moments untouched:
   # one bad guidance sample must not poison Adam's running averages.

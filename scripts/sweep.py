@@ -1,11 +1,12 @@
 """Runs a grid of config overrides: one multi-scene job per group of runs that differ
-only in prompt, seed or optim.lr (dreamfusion_jax/multiscene.py: one compiled step, the
-guidance weights shared), separate jobs for everything else.
+only in prompt, seed, optim.lr, guidance scale or regularizer weights
+(dreamfusion_jax/multiscene.py: one compiled step, the guidance weights shared),
+separate jobs for everything else.
 
   python scripts/sweep.py --config=configs/toy.py --workdir=runs/toy_sweep \
       --sweep="prompt=a red cube,a blue sphere" --sweep="seed=0,1"        # one job, 4 scenes
   python scripts/sweep.py --config=configs/dreamfusion.py:small --workdir=runs/lr_sweep \
-      --sweep="optim.lr=1e-2,5e-3" --sweep="guidance.guidance_scale=50,100" \
+      --sweep="optim.lr=1e-2,5e-3" --sweep="render.num_samples=64,128" \
       --set="prompt=a hamburger"                                           # 2 jobs of 2 scenes
 
 Each run goes to <workdir>/<key=value,...>/, an ordinary run directory (resumed if it
@@ -31,7 +32,9 @@ _SEPARATE = flags.DEFINE_bool("separate_jobs", False, "One scripts/train.py proc
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the jobs, run nothing.")
 flags.mark_flags_as_required(["config", "workdir"])
 
-SCENE_FIELDS = ("prompt", "seed", "optim.lr")  # multiscene.SCENE_FIELDS, without importing JAX for --dry_run
+# multiscene.SCENE_FIELDS, without importing JAX for --dry_run (tests/test_sweep.py checks they agree)
+SCENE_FIELDS = ("prompt", "seed", "optim.lr", "guidance.guidance_scale", "loss.orientation_weight",
+                "loss.opacity_weight", "loss.entropy_weight")
 
 
 def main(argv):

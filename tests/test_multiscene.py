@@ -20,14 +20,16 @@ from dreamfusion_jax import errors, multiscene, runs, train
 from dreamfusion_jax.guidance import tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# (name, prompt, seed, lr): prompts, seeds and a learning rate differ between scenes.
-SCENES = [("s0", "a red cube", 0, 1e-2), ("s1", "a blue sphere", 0, 1e-2), ("s2", "a red cube", 3, 1e-2),
-          ("s3", "a green torus", 1, 5e-3)]
+# (name, prompt, seed, lr, guidance scale, opacity weight): every scene field differs
+# from the first scene in at least one scene.
+SCENES = [("s0", "a red cube", 0, 1e-2, 7.5, 0.0), ("s1", "a blue sphere", 0, 1e-2, 7.5, 0.0),
+          ("s2", "a red cube", 3, 1e-2, 20.0, 0.0), ("s3", "a green torus", 1, 5e-3, 7.5, 50.0)]
 
 
-def scene_config(model, prompt, seed, lr):
+def scene_config(model, prompt, seed, lr, scale, opacity):
   c = dreamfusion.get_config("tiny")
   c.guidance.model, c.prompt, c.seed, c.optim.lr = model, prompt, seed, lr
+  c.guidance.guidance_scale, c.loss.opacity_weight = scale, opacity
   return c
 
 
@@ -49,9 +51,10 @@ def job(tiny_sd, tmp_path_factory):
       assert jax.local_device_count() == 2, jax.devices()
       scenes = {SCENES!r}
       configs = []
-      for name, prompt, seed, lr in scenes:
+      for name, prompt, seed, lr, scale, opacity in scenes:
         c = dreamfusion.get_config("tiny")
         c.guidance.model, c.prompt, c.seed, c.optim.lr = {tiny_sd!r}, prompt, seed, lr
+        c.guidance.guidance_scale, c.loss.opacity_weight = scale, opacity
         configs.append(c)
       multiscene.train_scenes(configs, {workdir!r}, [s[0] for s in scenes])
   """)
@@ -73,8 +76,8 @@ def test_scene_k_equals_its_single_scene_run(job, tiny_sd, tmp_path):
   gradient's size, so where a gradient nearly cancels, a reassociated (vmapped) sum
   can change an update by a fraction of lr or flip it. Scene k run with another scene's key, prompt or learning rate would
   move most parameters differently by ~lr from the first step on."""
-  for name, prompt, seed, lr in SCENES:
-    config = scene_config(tiny_sd, prompt, seed, lr)
+  for name, prompt, seed, lr, scale, opacity in SCENES:
+    config = scene_config(tiny_sd, prompt, seed, lr, scale, opacity)
     train.train_and_evaluate(config, str(tmp_path / name))
     _, _, single, single_step = runs.restore_scene(str(tmp_path / name))
     _, _, scene_k, scene_step = runs.restore_scene(os.path.join(job, name))
@@ -91,10 +94,11 @@ def test_scene_k_equals_its_single_scene_run(job, tiny_sd, tmp_path):
 
 
 def test_each_scene_is_an_ordinary_run(job):
-  for name, prompt, seed, lr in SCENES:
+  for name, prompt, seed, lr, scale, opacity in SCENES:
     workdir = os.path.join(job, name)
     config = runs.load_config(workdir)
     assert (config.prompt, config.seed, config.optim.lr) == (prompt, seed, lr)
+    assert (config.guidance.guidance_scale, config.loss.opacity_weight) == (scale, opacity)
     assert os.path.exists(os.path.join(workdir, "renders", "step_000006.png"))
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
       steps = [json.loads(line)["step"] for line in f if '"step"' in line]
@@ -102,10 +106,10 @@ def test_each_scene_is_an_ordinary_run(job):
 
 
 def test_scenes_that_differ_in_a_compiled_setting_are_refused(tiny_sd, tmp_path):
-  a = scene_config(tiny_sd, "a red cube", 0, 1e-2)
-  b = scene_config(tiny_sd, "a red cube", 1, 1e-2)
-  b.guidance.guidance_scale = 50.0
-  with pytest.raises(errors.InputError, match=r"these differ too: guidance\.guidance_scale"):
+  a = scene_config(tiny_sd, "a red cube", 0, 1e-2, 7.5, 0.0)
+  b = scene_config(tiny_sd, "a red cube", 1, 1e-2, 7.5, 0.0)
+  b.loss.opacity_warmup_steps = 5
+  with pytest.raises(errors.InputError, match=r"these differ too: loss\.opacity_warmup_steps"):
     multiscene.train_scenes([a, b], str(tmp_path / "job"), ["a", "b"])
   assert not os.path.exists(tmp_path / "job")
 
@@ -114,6 +118,18 @@ def test_differing_fields():
   a, b = dreamfusion.get_config("tiny"), dreamfusion.get_config("tiny")
   b.prompt, b.optim.lr, b.render.num_samples = "x", 1.0, 3
   assert multiscene.differing_fields([a, b]) == ["optim.lr", "prompt", "render.num_samples"]
+
+
+def test_scene_values_hold_the_numeric_fields_that_differ():
+  configs = [dreamfusion.get_config("tiny") for _ in range(3)]
+  configs[1].optim.lr = configs[0].optim.lr / 4
+  configs[2].loss.opacity_weight = 3.0
+  configs[2].prompt = "x"
+  values = multiscene.scene_values(configs)
+  assert sorted(values) == ["lr_scale", "opacity"]
+  np.testing.assert_array_equal(values["lr_scale"], [1.0, 0.25, 1.0])
+  np.testing.assert_array_equal(values["opacity"], [configs[0].loss.opacity_weight] * 2 + [3.0])
+  assert multiscene.scene_values(configs[:1]) == {}
 
 
 @pytest.mark.parametrize("scenes,devices,expected", [(4, 4, 4), (2, 4, 2), (3, 4, 3), (5, 4, 1), (8, 4, 4),

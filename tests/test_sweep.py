@@ -46,11 +46,24 @@ def test_dry_run_prints_one_command_per_run(tmp_path):
 def test_runs_that_differ_in_scene_fields_share_a_job(tmp_path):
   out = subprocess.run(
       [sys.executable, "scripts/sweep.py", "--config=configs/dreamfusion.py:tiny", f"--workdir={tmp_path}",
-       "--sweep=optim.lr=1e-2,5e-3", "--sweep=guidance.guidance_scale=50,100", "--dry_run"],
+       "--sweep=optim.lr=1e-2,5e-3", "--sweep=render.num_samples=8,16", "--dry_run"],
       capture_output=True, text=True, check=True)
   lines = [l for l in out.stdout.splitlines() if l.startswith("[job")]
-  assert lines == ["[job 1/2] 2 scenes in one job: lr=1e-2,guidance_scale=50; lr=5e-3,guidance_scale=50",
-                   "[job 2/2] 2 scenes in one job: lr=1e-2,guidance_scale=100; lr=5e-3,guidance_scale=100"]
+  assert lines == ["[job 1/2] 2 scenes in one job: lr=1e-2,num_samples=8; lr=5e-3,num_samples=8",
+                   "[job 2/2] 2 scenes in one job: lr=1e-2,num_samples=16; lr=5e-3,num_samples=16"]
+
+
+def test_the_scripts_scene_fields_are_multiscenes():
+  import importlib.util
+  import os
+
+  from dreamfusion_jax import multiscene
+
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "sweep.py")
+  spec = importlib.util.spec_from_file_location("_sweep_script", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  assert module.SCENE_FIELDS == multiscene.SCENE_FIELDS
 
 
 def test_groups_split_on_the_other_fields():

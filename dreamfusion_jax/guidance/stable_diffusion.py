@@ -109,9 +109,9 @@ class StableDiffusionGuidance:
     return self.settings.image_size // self.vae_downsample
 
   def loss(self, params: Params, images: Array, cond_emb: Array, uncond_emb: Array, key: Array,
-           t_range: Array | None = None) -> tuple[Array, dict[str, Array]]:
+           t_range: Array | None = None, guidance_scale: Array | None = None) -> tuple[Array, dict[str, Array]]:
     """SDS surrogate loss of rendered images; see `sds_loss`."""
-    return sds_loss(params, images, cond_emb, uncond_emb, key, t_range, guidance=self)
+    return sds_loss(params, images, cond_emb, uncond_emb, key, t_range, guidance=self, guidance_scale=guidance_scale)
 
   def encode_prompts(self, params: Params, prompts: Sequence[str]) -> Array:
     """Text embeddings (N, L, D) float32 of N prompts (L = tokenizer max length, 77)."""
@@ -204,19 +204,22 @@ def predict_noise(guidance: StableDiffusionGuidance, params: Params, noisy_laten
 
 
 def guided_noise(guidance: StableDiffusionGuidance, params: Params, noisy_latents: Array, t: Array,
-                 cond_emb: Array, uncond_emb: Array) -> Array:
+                 cond_emb: Array, uncond_emb: Array, guidance_scale: Array | None = None) -> Array:
   """Classifier-free-guided eps_hat from ONE UNet call on the doubled batch.
 
   Args:
     noisy_latents: (B, h, w, C). t: (B,) int32. cond_emb, uncond_emb: (B, L, D).
+    guidance_scale: a traced scalar s (a multi-scene job's per-scene value), or None:
+      settings.guidance_scale.
 
   Returns:
-    (B, h, w, C) float32 eps_u + s (eps_c - eps_u), s = settings.guidance_scale.
+    (B, h, w, C) float32 eps_u + s (eps_c - eps_u).
   """
   b = noisy_latents.shape[0]
   eps = predict_noise(guidance, params, jnp.concatenate([noisy_latents, noisy_latents]),
                       jnp.concatenate([t, t]), jnp.concatenate([uncond_emb, cond_emb]))
-  return sds.classifier_free_guidance(eps[:b], eps[b:], guidance.settings.guidance_scale)
+  scale = guidance.settings.guidance_scale if guidance_scale is None else guidance_scale
+  return sds.classifier_free_guidance(eps[:b], eps[b:], scale)
 
 
 def ddim_sample(guidance: StableDiffusionGuidance, params: Params, cond_emb: Array, uncond_emb: Array,
@@ -253,7 +256,8 @@ def ddim_sample(guidance: StableDiffusionGuidance, params: Params, cond_emb: Arr
 
 
 def latent_sds_loss(guidance: StableDiffusionGuidance, params: Params, latents: Array, cond_emb: Array,
-                    uncond_emb: Array, t: Array, noise: Array) -> tuple[Array, dict[str, Array]]:
+                    uncond_emb: Array, t: Array, noise: Array, guidance_scale: Array | None = None
+                    ) -> tuple[Array, dict[str, Array]]:
   """SDS surrogate loss of latents at given timesteps and noise (no randomness inside).
 
   d loss / d latents = w(t) (eps_hat(z_t) - noise) / B, clipped per settings. The UNet
@@ -262,6 +266,7 @@ def latent_sds_loss(guidance: StableDiffusionGuidance, params: Params, latents: 
   Args:
     latents: (B, h, w, C) float32. cond_emb, uncond_emb: (B, L, D).
     t: (B,) int32 timesteps. noise: (B, h, w, C) the eps added.
+    guidance_scale: see `guided_noise`.
 
   Returns:
     (loss, metrics): "sds_loss", "timestep" (mean t as a fraction of T),
@@ -270,7 +275,7 @@ def latent_sds_loss(guidance: StableDiffusionGuidance, params: Params, latents: 
   s = guidance.settings
   abar = params["alphas_cumprod"]
   noisy = jax.lax.stop_gradient(sds.add_noise(abar, latents, noise, t))
-  eps_hat = jax.lax.stop_gradient(guided_noise(guidance, params, noisy, t, cond_emb, uncond_emb))
+  eps_hat = jax.lax.stop_gradient(guided_noise(guidance, params, noisy, t, cond_emb, uncond_emb, guidance_scale))
   weight = sds.sds_weight(abar, t, s.weighting)
   grad = sds.sds_gradient(eps_hat, noise, weight, s.grad_clip)
   loss = sds.sds_surrogate_loss(latents, grad)
@@ -284,8 +289,8 @@ def latent_sds_loss(guidance: StableDiffusionGuidance, params: Params, latents: 
 
 
 def sds_loss(params: Params, images: Array, cond_emb: Array, uncond_emb: Array, key: Array,
-             t_range: Array | None = None, *, guidance: StableDiffusionGuidance
-             ) -> tuple[Array, dict[str, Array]]:
+             t_range: Array | None = None, *, guidance: StableDiffusionGuidance,
+             guidance_scale: Array | None = None) -> tuple[Array, dict[str, Array]]:
   """The SDS loss of a batch of renders: pure and jittable; jax.grad of it with respect
   to `images` is the SDS gradient pushed back through the VAE encoder.
 
@@ -304,6 +309,7 @@ def sds_loss(params: Params, images: Array, cond_emb: Array, uncond_emb: Array, 
     t_range: (2,) float32 [t_min, t_max] as fractions of T, traced (anneal it without
       recompiling); None: the settings' t_min, t_max.
     guidance: the static StableDiffusionGuidance.
+    guidance_scale: see `guided_noise`.
 
   Returns:
     (scalar loss, metrics dict of scalars); see `latent_sds_loss`.
@@ -326,7 +332,7 @@ def sds_loss(params: Params, images: Array, cond_emb: Array, uncond_emb: Array, 
   else:
     t = sds.sample_timesteps(k_t, b, t_range[0], t_range[1], guidance.num_train_timesteps)
     noise = jax.random.normal(k_noise, latents.shape, jnp.float32)
-  return latent_sds_loss(guidance, params, latents, cond_emb, uncond_emb, t, noise)
+  return latent_sds_loss(guidance, params, latents, cond_emb, uncond_emb, t, noise, guidance_scale)
 
 
 # ----------------------------------------------------------------------------- assembling a checkpoint
