@@ -37,6 +37,11 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   # little; the mean keeps a step deterministic given t and the noise. No effect on a
   # pixel-space prior (the toy prior has no VAE).
   g.sample_posterior = False
+  # The SDS family (dreamfusion_jax/guidance): "sds", "csd" (classifier score only),
+  # "ism" (LucidDreamer's interval score: DDIM-inverted x_s, s = t - ism_delta_t).
+  g.method = "sds"
+  g.ism_delta_t = 50  # training timesteps between x_s and x_t (LucidDreamer: 50)
+  g.ism_inv_steps = 5  # DDIM inversion steps from the clean latents to x_s (LucidDreamer: 5)
 
   # Rendering of training views.
   r = c.render = ml_collections.ConfigDict()

@@ -7,7 +7,8 @@ a few shapes (cube, sphere, cone, torus) in a few colours (red, green, blue, yel
 rendered at 32x32 by the toy world's cameras; this config matches its view
 distribution and shading (toy_world.ViewDistribution).
 
-Variants: "quick" (fewer steps, for tests).
+Variants: "quick" (fewer steps, for tests); "csd", "ism" (guidance.method, see
+docs/guidance.md; any config takes --config.guidance.method=sds|csd|ism).
 """
 
 import importlib.util
@@ -99,7 +100,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     t.steps = 150
     t.eval_every = t.ckpt_every = 150
     t.render_video = t.export_mesh = False
+  elif variant in ("csd", "ism"):  # the SDS family's members (dreamfusion_jax/guidance/csd.py, ism.py)
+    g.method = variant
   elif variant:
-    raise ValueError(f"unknown variant {variant!r} of configs/toy.py; known: quick")
+    raise ValueError(f"unknown variant {variant!r} of configs/toy.py; known: quick, csd, ism")
   g.t_anneal_steps = t.steps
   return c

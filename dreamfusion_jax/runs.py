@@ -86,7 +86,8 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 # restore, export and score (the math of each renamed value is unchanged).
 _RENAMED_BLOB_KINDS = {"linear": "magic3d", "gaussian": "dreamfusion"}
 _ADDED_FIELDS = {("field", "progressive_start_step"): 0, ("train", "mesh_target_faces"): 0,
-                 ("guidance", "sample_posterior"): False}
+                 ("guidance", "sample_posterior"): False, ("guidance", "method"): "sds",
+                 ("guidance", "ism_delta_t"): 50, ("guidance", "ism_inv_steps"): 5}
 
 
 def upgrade_config(saved: dict) -> dict:

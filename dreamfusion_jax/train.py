@@ -27,6 +27,7 @@ import optax
 from dreamfusion_jax import cameras as cameras_lib
 from dreamfusion_jax import checkpoints, distributed, errors, fields, losses, render, runs
 from dreamfusion_jax.guidance import prompts as prompts_lib
+from dreamfusion_jax.guidance import sds as sds_lib
 from dreamfusion_jax import scene as scene_lib
 from dreamfusion_jax.state import TrainState
 
@@ -246,6 +247,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         f"got t_min={g.t_min}, t_max={g.t_max}")
   check(g.t_min < g.t_max_end <= 1.0, f"config.guidance.t_max_end must be in (t_min, 1], got {g.t_max_end}")
   check(g.guidance_scale >= 0, f"config.guidance.guidance_scale must be >= 0, got {g.guidance_scale}")
+  check(g.method in sds_lib.METHODS,
+        f"config.guidance.method must be one of {', '.join(sds_lib.METHODS)}, got {g.method!r}")
+  check(g.weighting in sds_lib.WEIGHTINGS,
+        f"config.guidance.weighting must be one of {', '.join(sds_lib.WEIGHTINGS)}, got {g.weighting!r}")
+  check(g.ism_delta_t >= 0 and g.ism_inv_steps >= 1, f"config.guidance.ism_delta_t must be >= 0 and "
+        f"ism_inv_steps >= 1, got {g.ism_delta_t}, {g.ism_inv_steps}")
   check(t.steps > 0, f"config.train.steps must be > 0, got {t.steps}")
   check(t.batch_size > 0, f"config.train.batch_size must be > 0, got {t.batch_size}")
   for name in ("log_every", "eval_every", "ckpt_every", "keep_checkpoints"):

@@ -74,6 +74,7 @@ def run_copy(finished_run, tmp_path):
     ("--config.render.shading_probs=(1.5,0.0,0.0)", ["shading_probs", "(1.5, 0.0, 0.0)"]),
     ("--config.guidance.dtype=float8", ["guidance.dtype", "'float8'"]),
     ("--config.train.steps=many", ["--config.train.steps", "many"]),
+    ("--config.guidance.method=vsdd", ["guidance.method", "'vsdd'"]),
 ])
 def test_bad_flag_is_one_line_and_touches_nothing(flag, needles, run_copy, tiny_sd):
   before = snapshot(run_copy)

@@ -465,3 +465,77 @@ def test_sd1_style_conv_projections_map(torch_models):
   params = weight_conversion.pytorch_to_flax(state, shapes)
   np.testing.assert_array_equal(params["down_blocks_0"]["attentions_0"]["proj_in"]["kernel"],
                                 state["down_blocks.0.attentions.0.proj_in.weight"].transpose(2, 3, 1, 0))
+
+
+# ----------------------------------------------------------------------------- the SDS family (csd.py, ism.py)
+
+def _with_method(guidance, **settings):
+  return dataclasses.replace(guidance, settings=dataclasses.replace(guidance.settings, **settings))
+
+
+def _latent_grad(guidance, params, c):
+  fn = jax.jit(jax.grad(lambda z, p: sd.latent_sds_loss(guidance, p, z, c["cond"], c["uncond"], c["t"],
+                                                        c["noise"])[0]))
+  return np.asarray(fn(c["latents"], params))
+
+
+def test_csd_gradient_is_the_cfg_difference_term(loaded, sds_case):
+  guidance, params = loaded
+  c = sds_case
+  got = _latent_grad(_with_method(guidance, method="csd"), params, c)
+  w = np.asarray(1.0 - params["alphas_cumprod"][c["t"]])[:, None, None, None]
+  want = w * 7.5 * (np.asarray(c["eps_c"]) - np.asarray(c["eps_u"])) / 2  # batch mean
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+  # SDS = CSD + the denoising residual w (eps_u - eps).
+  sds_grad = _latent_grad(guidance, params, c)
+  np.testing.assert_allclose(sds_grad - got, w * (np.asarray(c["eps_u"]) - np.asarray(c["noise"])) / 2,
+                             rtol=1e-4, atol=1e-5)
+
+
+def _ddim(abar_from, abar_to, x, eps):
+  """One DDIM (eta 0) move, written out independently of ism.ddim_move."""
+  a_f, a_t = np.asarray(abar_from)[:, None, None, None], np.asarray(abar_to)[:, None, None, None]
+  return np.sqrt(a_t) * (np.asarray(x) - np.sqrt(1 - a_f) * np.asarray(eps)) / np.sqrt(a_f) + np.sqrt(1 - a_t) * eps
+
+
+def test_ism_with_no_interval_and_one_inversion_step_is_csd_at_the_inverted_latents(loaded, sds_case):
+  """delta = 0, 1 step: z_s = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps_u(z_0, 0), z_t = z_s,
+  residual = eps_hat(z_s, t) - eps_u(z_s, t) = s (eps_c - eps_u) at z_s."""
+  guidance, params = loaded
+  c = sds_case
+  got = _latent_grad(_with_method(guidance, method="ism", ism_delta_t=0, ism_inv_steps=1), params, c)
+  abar = np.asarray(params["alphas_cumprod"])[np.asarray(c["t"])]
+  eps0, _ = c["predict"](c["latents"], jnp.zeros_like(c["t"]))
+  z_s = np.sqrt(abar)[:, None, None, None] * np.asarray(c["latents"]) + np.sqrt(1 - abar)[:, None, None, None] * eps0
+  eps_u, eps_c = c["predict"](jnp.asarray(z_s, jnp.float32), c["t"])
+  want = (1 - abar)[:, None, None, None] * 7.5 * (np.asarray(eps_c) - np.asarray(eps_u)) / 2
+  np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-5)
+
+
+def test_ism_gradient_matches_a_step_by_step_inversion(loaded, sds_case):
+  guidance, params = loaded
+  c = sds_case
+  delta, steps = 50, 3
+  got = _latent_grad(_with_method(guidance, method="ism", ism_delta_t=delta, ism_inv_steps=steps), params, c)
+  table = np.asarray(params["alphas_cumprod"])
+  t = np.asarray(c["t"])
+  s = np.maximum(t - delta, 0)
+  levels = [np.full_like(t, -1)] + [(i * s) // steps for i in range(1, steps + 1)]  # -1: the clean latents
+  abar = lambda k: np.where(k < 0, 1.0, table[np.maximum(k, 0)])
+  z = np.asarray(c["latents"])
+  for a, b in zip(levels[:-1], levels[1:]):
+    eps_u, _ = c["predict"](jnp.asarray(z, jnp.float32), jnp.asarray(np.maximum(a, 0), jnp.int32))
+    z = _ddim(abar(a), abar(b), z, np.asarray(eps_u))
+  eps_s, _ = c["predict"](jnp.asarray(z, jnp.float32), jnp.asarray(s, jnp.int32))
+  z_t = _ddim(abar(s), abar(t), z, np.asarray(eps_s))
+  eps_u, eps_c = c["predict"](jnp.asarray(z_t, jnp.float32), c["t"])
+  eps_hat = np.asarray(eps_u) + 7.5 * (np.asarray(eps_c) - np.asarray(eps_u))
+  want = (1 - table[t])[:, None, None, None] * (eps_hat - np.asarray(eps_s)) / 2
+  np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-5)
+  # Not SDS's gradient: the target is the inverted prediction, not the drawn noise.
+  assert np.abs(got - _latent_grad(guidance, params, c)).max() > 1e-2
+
+
+def test_unknown_method_is_refused():
+  with pytest.raises(ValueError, match="guidance.method='vsdd'"):
+    sd.SDSSettings(method="vsdd")

@@ -31,6 +31,9 @@ import numpy as np
 Array = jax.Array
 
 WEIGHTINGS = ("sds", "uniform", "fantasia3d")
+# The SDS family (config.guidance.method): "sds" here and in stable_diffusion.py, the
+# others one module each in this package (csd.py, ism.py), each with a `residual`.
+METHODS = ("sds", "csd", "ism")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 
 
@@ -162,7 +165,20 @@ def sds_gradient(eps_hat: Array, noise: Array, weight: Array, grad_clip: float |
   Returns:
     (B, ...) float32.
   """
-  grad = _per_sample(weight, noise.ndim) * (eps_hat.astype(jnp.float32) - noise.astype(jnp.float32))
+  return weighted_gradient(eps_hat.astype(jnp.float32) - noise.astype(jnp.float32), weight, grad_clip)
+
+
+def weighted_gradient(residual: Array, weight: Array, grad_clip: float | None = None) -> Array:
+  """w(t) residual, made safe to apply as `sds_gradient` does: the gradient of every
+  method of the SDS family (residual: SDS's eps_hat - eps, CSD's s (eps_c - eps_u), ...).
+
+  Args:
+    residual: (B, ...). weight: (B,) w(t).
+
+  Returns:
+    (B, ...) float32.
+  """
+  grad = _per_sample(weight, residual.ndim) * residual.astype(jnp.float32)
   grad = jnp.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
   if grad_clip:
     grad = jnp.clip(grad, -grad_clip, grad_clip)

@@ -30,6 +30,10 @@ Config fields (`config.guidance`, read by `from_config`; defaults in brackets):
   grad_clip        elementwise clip of the latent SDS gradient; 0 or None: off [None].
   image_size       VAE input size; renders are resized (bilinear) to it [512].
   sample_posterior encode to a sample of the VAE posterior instead of its mean [False].
+  method           the member of the SDS family: "sds", "csd" (guidance/csd.py), "ism"
+                   (guidance/ism.py) ["sds"].
+  ism_delta_t      ISM's interval t - s in training timesteps [50].
+  ism_inv_steps    ISM's DDIM inversion steps from the clean latents to x_s [5].
   negative_prompt  the unconditional prompt [""] (used by make_prompt_embeddings).
   view_dependent   append ", front view" etc. per view bucket [True] (ditto).
 Other fields of the section (e.g. an annealing schedule of t_max) are ignored here.
@@ -39,6 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import os
 from typing import Any, Mapping, Sequence
 
@@ -59,6 +64,11 @@ Array = jax.Array
 Params = Mapping[str, Any]
 
 
+# The SDS family: name -> the module (in this package) whose `residual` gives the
+# method's gradient w(t) * residual on the latents; "sds" is `sds_residual` below.
+METHODS = sds.METHODS
+
+
 @dataclasses.dataclass(frozen=True)
 class SDSSettings:
   """Static settings of the SDS loss (changing one recompiles). See the module docstring."""
@@ -70,8 +80,16 @@ class SDSSettings:
   sample_posterior: bool = False
   t_min: float = 0.02
   t_max: float = 0.98
+  method: str = "sds"
+  ism_delta_t: int = 50
+  ism_inv_steps: int = 5
 
   def __post_init__(self):
+    if self.method not in METHODS:
+      raise ValueError(f"guidance.method={self.method!r}; known: {METHODS}")
+    if self.ism_delta_t < 0 or self.ism_inv_steps < 1:
+      raise ValueError(f"need guidance.ism_delta_t >= 0 and guidance.ism_inv_steps >= 1, got {self.ism_delta_t}, "
+                       f"{self.ism_inv_steps}")
     if self.weighting not in sds.WEIGHTINGS:
       raise ValueError(f"guidance.weighting={self.weighting!r}; known: {sds.WEIGHTINGS}")
     if not 0.0 <= self.t_min <= self.t_max <= 1.0:
@@ -215,11 +233,19 @@ def guided_noise(guidance: StableDiffusionGuidance, params: Params, noisy_latent
   Returns:
     (B, h, w, C) float32 eps_u + s (eps_c - eps_u).
   """
+  eps_u, eps_c = noise_pair(guidance, params, noisy_latents, t, cond_emb, uncond_emb)
+  scale = guidance.settings.guidance_scale if guidance_scale is None else guidance_scale
+  return sds.classifier_free_guidance(eps_u, eps_c, scale)
+
+
+def noise_pair(guidance: StableDiffusionGuidance, params: Params, noisy_latents: Array, t: Array,
+               cond_emb: Array, uncond_emb: Array) -> tuple[Array, Array]:
+  """(eps_u, eps_c): the unconditional and conditional predictions from ONE UNet call
+  on the doubled batch; each (B, h, w, C) float32."""
   b = noisy_latents.shape[0]
   eps = predict_noise(guidance, params, jnp.concatenate([noisy_latents, noisy_latents]),
                       jnp.concatenate([t, t]), jnp.concatenate([uncond_emb, cond_emb]))
-  scale = guidance.settings.guidance_scale if guidance_scale is None else guidance_scale
-  return sds.classifier_free_guidance(eps[:b], eps[b:], scale)
+  return eps[:b], eps[b:]
 
 
 def ddim_sample(guidance: StableDiffusionGuidance, params: Params, cond_emb: Array, uncond_emb: Array,
@@ -255,13 +281,26 @@ def ddim_sample(guidance: StableDiffusionGuidance, params: Params, cond_emb: Arr
   return decode_latents(guidance, params["vae"], x)
 
 
+def sds_residual(guidance: StableDiffusionGuidance, params: Params, latents: Array, cond_emb: Array,
+                 uncond_emb: Array, t: Array, noise: Array, guidance_scale: Array | None = None) -> Array:
+  """SDS (DreamFusion eq. 3): eps_hat(z_t; y, t) - eps, z_t the latents noised by `noise`.
+
+  The signature of every method's `residual` (csd.py, ism.py): latents (B, h, w, C)
+  (already stop-gradient), text embeddings (B, L, D), t (B,) int32, noise like the
+  latents, guidance_scale as in `guided_noise`. Returns (B, h, w, C) float32.
+  """
+  noisy = sds.add_noise(params["alphas_cumprod"], latents, noise, t)
+  return guided_noise(guidance, params, noisy, t, cond_emb, uncond_emb, guidance_scale) - noise
+
+
 def latent_sds_loss(guidance: StableDiffusionGuidance, params: Params, latents: Array, cond_emb: Array,
                     uncond_emb: Array, t: Array, noise: Array, guidance_scale: Array | None = None
                     ) -> tuple[Array, dict[str, Array]]:
   """SDS surrogate loss of latents at given timesteps and noise (no randomness inside).
 
-  d loss / d latents = w(t) (eps_hat(z_t) - noise) / B, clipped per settings. The UNet
-  sees stop_gradient(z_t): it is frozen and its Jacobian is skipped (DreamFusion eq. 3).
+  d loss / d latents = w(t) residual / B, clipped per settings, where residual is the
+  method's (settings.method; SDS: eps_hat(z_t) - noise). The UNet sees stop-gradient
+  inputs: it is frozen and its Jacobian is skipped (DreamFusion eq. 3).
 
   Args:
     latents: (B, h, w, C) float32. cond_emb, uncond_emb: (B, L, D).
@@ -274,10 +313,12 @@ def latent_sds_loss(guidance: StableDiffusionGuidance, params: Params, latents: 
   """
   s = guidance.settings
   abar = params["alphas_cumprod"]
-  noisy = jax.lax.stop_gradient(sds.add_noise(abar, latents, noise, t))
-  eps_hat = jax.lax.stop_gradient(guided_noise(guidance, params, noisy, t, cond_emb, uncond_emb, guidance_scale))
+  residual_fn = sds_residual if s.method == "sds" else importlib.import_module(
+      f"dreamfusion_jax.guidance.{s.method}").residual
+  residual = jax.lax.stop_gradient(residual_fn(guidance, params, jax.lax.stop_gradient(latents), cond_emb,
+                                               uncond_emb, t, noise, guidance_scale))
   weight = sds.sds_weight(abar, t, s.weighting)
-  grad = sds.sds_gradient(eps_hat, noise, weight, s.grad_clip)
+  grad = sds.weighted_gradient(residual, weight, s.grad_clip)
   loss = sds.sds_surrogate_loss(latents, grad)
   metrics = {
       "sds_loss": loss,
@@ -431,6 +472,9 @@ def settings_from_config(cfg) -> SDSSettings:
       sample_posterior=bool(cfg.get("sample_posterior", d.sample_posterior)),
       t_min=float(cfg.get("t_min", d.t_min)),
       t_max=float(cfg.get("t_max", d.t_max)),
+      method=str(cfg.get("method", d.method)),
+      ism_delta_t=int(cfg.get("ism_delta_t", d.ism_delta_t)),
+      ism_inv_steps=int(cfg.get("ism_inv_steps", d.ism_inv_steps)),
   )
 
 
