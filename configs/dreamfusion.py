@@ -42,6 +42,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   g.method = "sds"
   g.ism_delta_t = 50  # training timesteps between x_s and x_t (LucidDreamer: 50)
   g.ism_inv_steps = 5  # DDIM inversion steps from the clean latents to x_s (LucidDreamer: 5)
+  # Perp-Neg: the other views' prompts as negatives, perpendicular to the positive
+  # direction (guidance/perp_neg.py; threestudio's weights). Works with every method.
+  g.perp_neg = False
 
   # Rendering of training views.
   r = c.render = ml_collections.ConfigDict()

@@ -8,7 +8,8 @@ rendered at 32x32 by the toy world's cameras; this config matches its view
 distribution and shading (toy_world.ViewDistribution).
 
 Variants: "quick" (fewer steps, for tests); "csd", "ism" (guidance.method, see
-docs/guidance.md; any config takes --config.guidance.method=sds|csd|ism).
+docs/guidance.md; any config takes --config.guidance.method=sds|csd|ism); "perp_neg"
+(--config.guidance.perp_neg=True).
 """
 
 import importlib.util
@@ -102,7 +103,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     t.render_video = t.export_mesh = False
   elif variant in ("csd", "ism"):  # the SDS family's members (dreamfusion_jax/guidance/csd.py, ism.py)
     g.method = variant
+  elif variant == "perp_neg":  # guidance/perp_neg.py, with SDS
+    g.perp_neg = True
   elif variant:
-    raise ValueError(f"unknown variant {variant!r} of configs/toy.py; known: quick, csd, ism")
+    raise ValueError(f"unknown variant {variant!r} of configs/toy.py; known: quick, csd, ism, perp_neg")
   g.t_anneal_steps = t.steps
   return c

@@ -87,7 +87,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 _RENAMED_BLOB_KINDS = {"linear": "magic3d", "gaussian": "dreamfusion"}
 _ADDED_FIELDS = {("field", "progressive_start_step"): 0, ("train", "mesh_target_faces"): 0,
                  ("guidance", "sample_posterior"): False, ("guidance", "method"): "sds",
-                 ("guidance", "ism_delta_t"): 50, ("guidance", "ism_inv_steps"): 5}
+                 ("guidance", "ism_delta_t"): 50, ("guidance", "ism_inv_steps"): 5, ("guidance", "perp_neg"): False}
 
 
 def upgrade_config(saved: dict) -> dict:

@@ -59,6 +59,7 @@ class StepSettings:
   t_max: float
   t_max_end: float
   t_anneal_steps: int
+  perp_neg: bool = False
 
   @property
   def global_batch_size(self) -> int:
@@ -83,7 +84,8 @@ class StepSettings:
         background_color=tuple(config.background.color), background_random_prob=config.background.random_prob,
         orientation=(lo.orientation_weight, lo.orientation_warmup_steps),
         opacity=(lo.opacity_weight, lo.opacity_warmup_steps), entropy=(lo.entropy_weight, lo.entropy_warmup_steps),
-        t_min=g.t_min, t_max=g.t_max, t_max_end=g.t_max_end, t_anneal_steps=g.t_anneal_steps)
+        t_min=g.t_min, t_max=g.t_max, t_max_end=g.t_max_end, t_anneal_steps=g.t_anneal_steps,
+        perp_neg=bool(g.get("perp_neg", False)))
 
 
 def _device_slice(tree, offset: Array, size: int):
@@ -168,7 +170,7 @@ def train_step(
   buckets = cameras_lib.view_bucket(cams.azimuth_deg, cams.elevation_deg, **dict(settings.bucket_kwargs))
   t_range = jnp.stack([jnp.asarray(settings.t_min, jnp.float32),
                        _anneal(step, settings.t_max, settings.t_max_end, settings.t_anneal_steps)])
-  cond, uncond = prompts_lib.select_embeddings(prompt_embeddings, buckets)
+  cond, uncond = prompts_lib.select_conditioning(prompt_embeddings, buckets, cams.azimuth_deg, settings.perp_neg)
   level_mask = scene.level_mask(step)
   values = scene_values or {}
   weights = {name: losses.ramped_weight(step, values.get(name, getattr(settings, name)[0]), getattr(settings, name)[1])
@@ -251,6 +253,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         f"config.guidance.method must be one of {', '.join(sds_lib.METHODS)}, got {g.method!r}")
   check(g.weighting in sds_lib.WEIGHTINGS,
         f"config.guidance.weighting must be one of {', '.join(sds_lib.WEIGHTINGS)}, got {g.weighting!r}")
+  check(not g.perp_neg or g.view_dependent, "config.guidance.perp_neg needs config.guidance.view_dependent=True "
+        "(its negatives are the other views' prompts)")
   check(g.ism_delta_t >= 0 and g.ism_inv_steps >= 1, f"config.guidance.ism_delta_t must be >= 0 and "
         f"ism_inv_steps >= 1, got {g.ism_delta_t}, {g.ism_inv_steps}")
   check(t.steps > 0, f"config.train.steps must be > 0, got {t.steps}")

@@ -48,3 +48,16 @@ def test_method_trains_on_the_toy_config(method, tmp_path):
   config.train.steps = config.train.log_every = config.train.eval_every = config.train.ckpt_every = 3
   train.train_and_evaluate(config, str(tmp_path))
   _check_trained(config, str(tmp_path))
+
+
+def test_perp_neg_trains_on_the_tiny_sd_and_the_toy_config(tiny_sd, tmp_path):
+  config = dreamfusion.get_config("tiny")
+  config.guidance.model, config.prompt, config.guidance.perp_neg = tiny_sd, "a red cube", True
+  config.train.steps, config.train.log_every = 4, 1
+  train.train_and_evaluate(config, str(tmp_path / "tiny"))
+  _check_trained(config, str(tmp_path / "tiny"))
+  config = toy.get_config("perp_neg")
+  config.train.steps = config.train.log_every = config.train.eval_every = config.train.ckpt_every = 3
+  config.train.render_video = config.train.export_mesh = False
+  train.train_and_evaluate(config, str(tmp_path / "toy"))
+  _check_trained(config, str(tmp_path / "toy"))

@@ -283,10 +283,16 @@ def sds_case(loaded):
                      jnp.concatenate([uncond, cond]))
     return eps[:2], eps[2:]
 
+  def predict_with(noisy, t, cond_emb):
+    """(eps_uncond, eps_cond) with another (2, L, D) conditional embedding."""
+    eps = predict_fn(params, jnp.concatenate([noisy, noisy]), jnp.concatenate([t, t]),
+                     jnp.concatenate([uncond, cond_emb]))
+    return eps[:2], eps[2:]
+
   noisy = sds.add_noise(params["alphas_cumprod"], latents, noise, t)
   eps_u, eps_c = predict(noisy, t)
   return dict(cond=cond, uncond=uncond, latents=latents, t=t, noise=noise, noisy=noisy, eps_u=eps_u, eps_c=eps_c,
-              predict=predict, unet_x=jnp.concatenate([noisy, noisy]), unet_t=jnp.concatenate([t, t]),
+              predict=predict, predict_with=predict_with, unet_x=jnp.concatenate([noisy, noisy]), unet_t=jnp.concatenate([t, t]),
               unet_emb=jnp.concatenate([uncond, cond]))
 
 
@@ -539,3 +545,32 @@ def test_ism_gradient_matches_a_step_by_step_inversion(loaded, sds_case):
 def test_unknown_method_is_refused():
   with pytest.raises(ValueError, match="guidance.method='vsdd'"):
     sd.SDSSettings(method="vsdd")
+
+
+def test_perp_neg_guided_noise_matches_an_independent_computation(loaded, sds_case):
+  from dreamfusion_jax.guidance import perp_neg
+
+  guidance, params = loaded
+  c = sds_case
+  emb = guidance.encode_prompts(params, ["a corgi, front view", "a corgi, side view"])
+  neg = jnp.stack([jnp.stack([emb[0], emb[1]])] * 2)  # (B=2, 2, L, D)
+  weights = jnp.array([[-0.3, -1.5], [0.0, -0.8]], jnp.float32)
+  cond = {"pos": c["cond"], "neg": neg, "neg_weights": weights}
+  got = np.asarray(jax.jit(lambda p: sd.guided_noise(guidance, p, c["noisy"], c["t"], cond, c["uncond"]))(params))
+  eps_u, eps_pos = (np.asarray(x) for x in (c["eps_u"], c["eps_c"]))
+  pair = lambda e: np.asarray(c["predict_with"](c["noisy"], c["t"], jnp.stack([e, e]))[1])
+  eps_n = [pair(emb[0]), pair(emb[1])]
+  e_pos = eps_pos - eps_u
+  want_dir = e_pos.copy()
+  for i in range(2):
+    e = eps_n[i] - eps_u
+    for b in range(2):
+      x, y = e[b].ravel(), e_pos[b].ravel()
+      perp = x - (x @ y) / (y @ y) * y
+      assert abs(perp @ y) < 1e-3 * np.linalg.norm(x) * np.linalg.norm(y)  # orthogonal to the positive direction
+      want_dir[b] += float(weights[b, i]) * perp.reshape(e_pos[b].shape)
+  np.testing.assert_allclose(got, eps_u + 7.5 * want_dir, rtol=1e-3, atol=1e-4)
+  # Zero weights: plain classifier-free guidance with the positive prompt.
+  cond0 = dict(cond, neg_weights=jnp.zeros_like(weights))
+  got0 = np.asarray(jax.jit(lambda p: sd.guided_noise(guidance, p, c["noisy"], c["t"], cond0, c["uncond"]))(params))
+  np.testing.assert_allclose(got0, eps_u + 7.5 * e_pos, rtol=1e-3, atol=1e-4)

@@ -28,5 +28,5 @@ def residual(guidance, params, latents: Array, cond_emb: Array, uncond_emb: Arra
   """s (eps_c(z_t) - eps_u(z_t)): (B, h, w, C) float32; see stable_diffusion.sds_residual."""
   scale = guidance.settings.guidance_scale if guidance_scale is None else guidance_scale
   noisy = sds.add_noise(params["alphas_cumprod"], latents, noise, t)
-  eps_u, eps_c = sd.noise_pair(guidance, params, noisy, t, cond_emb, uncond_emb)
-  return scale * (eps_c - eps_u)
+  _, direction = sd.guidance_direction(guidance, params, noisy, t, cond_emb, uncond_emb)
+  return scale * direction  # s (eps_c - eps_u), or Perp-Neg's direction with its conditioning

@@ -69,6 +69,18 @@ def make_prompt_embeddings(
   return PromptEmbeddings(cond=emb[:-1], uncond=emb[-1])
 
 
+def select_conditioning(prompt_embeddings: PromptEmbeddings, buckets: Array, azimuth_deg: Array,
+                        perp_neg: bool = False) -> tuple[Array | dict, Array]:
+  """`select_embeddings`, or with `perp_neg` Perp-Neg's conditioning dict as cond
+  (perp_neg.view_conditioning: interpolated positives, view negatives, weights)."""
+  cond, uncond = select_embeddings(prompt_embeddings, buckets)
+  if not perp_neg:
+    return cond, uncond
+  from dreamfusion_jax.guidance import perp_neg as perp_neg_lib  # pylint: disable=g-import-not-at-top
+
+  return perp_neg_lib.view_conditioning(prompt_embeddings.cond, prompt_embeddings.uncond, azimuth_deg, buckets), uncond
+
+
 def select_embeddings(prompt_embeddings: PromptEmbeddings, buckets: Array) -> tuple[Array, Array]:
   """Per-image conditional and unconditional embeddings for a batch of cameras.
 

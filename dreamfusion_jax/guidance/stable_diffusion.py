@@ -233,9 +233,28 @@ def guided_noise(guidance: StableDiffusionGuidance, params: Params, noisy_latent
   Returns:
     (B, h, w, C) float32 eps_u + s (eps_c - eps_u).
   """
-  eps_u, eps_c = noise_pair(guidance, params, noisy_latents, t, cond_emb, uncond_emb)
+  eps_u, direction = guidance_direction(guidance, params, noisy_latents, t, cond_emb, uncond_emb)
   scale = guidance.settings.guidance_scale if guidance_scale is None else guidance_scale
-  return sds.classifier_free_guidance(eps_u, eps_c, scale)
+  return eps_u + scale * direction
+
+
+def guidance_direction(guidance: StableDiffusionGuidance, params: Params, noisy_latents: Array, t: Array,
+                       cond_emb: Array | dict, uncond_emb: Array) -> tuple[Array, Array]:
+  """(eps_u, d) with eps_hat = eps_u + s d: d = eps_c - eps_u for a plain (B, L, D)
+  `cond_emb`, or Perp-Neg's direction for its conditioning dict (perp_neg.py; one UNet
+  call on 4B images: uncond, positive, two negatives)."""
+  if not isinstance(cond_emb, dict):
+    eps_u, eps_c = noise_pair(guidance, params, noisy_latents, t, cond_emb, uncond_emb)
+    return eps_u, eps_c - eps_u
+  from dreamfusion_jax.guidance import perp_neg  # pylint: disable=g-import-not-at-top
+
+  b = noisy_latents.shape[0]
+  neg = cond_emb["neg"]
+  emb = jnp.concatenate([uncond_emb, cond_emb["pos"], neg[:, 0], neg[:, 1]])
+  eps = predict_noise(guidance, params, jnp.concatenate([noisy_latents] * 4), jnp.concatenate([t] * 4), emb)
+  eps_u, eps_pos = eps[:b], eps[b:2 * b]
+  eps_neg = jnp.stack([eps[2 * b:3 * b], eps[3 * b:]], axis=1)
+  return eps_u, perp_neg.guidance_direction(eps_u, eps_pos, eps_neg, cond_emb["neg_weights"])
 
 
 def noise_pair(guidance: StableDiffusionGuidance, params: Params, noisy_latents: Array, t: Array,
