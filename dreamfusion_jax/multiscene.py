@@ -37,12 +37,11 @@ import jax
 import ml_collections
 import numpy as np
 
-from dreamfusion_jax import checkpoints, errors, runs
+from dreamfusion_jax import checkpoints, errors, runs, sweep
 from dreamfusion_jax import train as train_lib
 from dreamfusion_jax.state import TrainState
 
-SCENE_FIELDS = ("prompt", "seed", "optim.lr", "guidance.guidance_scale", "loss.orientation_weight",
-                "loss.opacity_weight", "loss.entropy_weight")
+SCENE_FIELDS = sweep.SCENE_FIELDS
 # The numeric scene fields: train_step's scene_values key and the value of scene k.
 _SCENE_VALUES = {
     "optim.lr": ("lr_scale", lambda c, base: c.optim.lr / base.optim.lr),
@@ -54,20 +53,9 @@ _SCENE_VALUES = {
 SCENE_AXIS = "scenes"
 
 
-def _flatten(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for key, value in config.items():
-    name = f"{prefix}{key}"
-    if isinstance(value, ml_collections.ConfigDict):
-      out.update(_flatten(value, name + "."))
-    else:
-      out[name] = value
-  return out
-
-
 def differing_fields(configs: Sequence[ml_collections.ConfigDict]) -> list[str]:
   """Dotted names of the fields whose values are not the same in every config."""
-  flat = [_flatten(c) for c in configs]
+  flat = [runs.flat_config(c) for c in configs]
   keys = sorted(set().union(*flat))
   return [k for k in keys if any(f.get(k, None) != flat[0].get(k, None) for f in flat[1:])]
 

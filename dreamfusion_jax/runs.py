@@ -179,11 +179,12 @@ def make_workdir(workdir: str) -> None:
     raise errors.InputError(f"cannot create --workdir={workdir}: {e.strerror or e}") from None
 
 
-def _flat_config(config: ml_collections.ConfigDict | dict, prefix: str = "") -> dict[str, Any]:
+def flat_config(config: ml_collections.ConfigDict | dict, prefix: str = "") -> dict[str, Any]:
+  """{"field.num_levels": 8, ...}: a config's leaves by dotted name (tuples as lists)."""
   out = {}
   for key, value in dict(config).items():
     if isinstance(value, (dict, ml_collections.ConfigDict)):
-      out.update(_flat_config(value, f"{prefix}{key}."))
+      out.update(flat_config(value, f"{prefix}{key}."))
     else:
       out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
   return out
@@ -196,8 +197,8 @@ LAUNCH_FIELDS = ("distributed", "cluster.")
 
 def config_differences(old: ml_collections.ConfigDict, new: ml_collections.ConfigDict) -> list[str]:
   """Fields whose values differ, as "field.num_levels: 8 -> 4", launch fields aside."""
-  a = _flat_config(json.loads(old.to_json_best_effort()))
-  b = _flat_config(json.loads(new.to_json_best_effort()))
+  a = flat_config(json.loads(old.to_json_best_effort()))
+  b = flat_config(json.loads(new.to_json_best_effort()))
   return [f"{k}: {a.get(k, '(absent)')} -> {b.get(k, '(absent)')}" for k in sorted(set(a) | set(b))
           if a.get(k) != b.get(k) and not k.startswith(LAUNCH_FIELDS)]
 

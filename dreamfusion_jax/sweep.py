@@ -5,6 +5,11 @@ from __future__ import annotations
 import itertools
 import re
 
+# What may differ between the scenes of one multi-scene job (multiscene.py); here, not
+# there, so that scripts/sweep.py can group runs without importing JAX.
+SCENE_FIELDS = ("prompt", "seed", "optim.lr", "guidance.guidance_scale", "loss.orientation_weight",
+                "loss.opacity_weight", "loss.entropy_weight")
+
 
 def parse_axis(spec: str) -> tuple[str, list[str]]:
   """"optim.lr=1e-2,5e-3" -> ("optim.lr", ["1e-2", "5e-3"]).

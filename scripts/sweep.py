@@ -32,10 +32,6 @@ _SEPARATE = flags.DEFINE_bool("separate_jobs", False, "One scripts/train.py proc
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the jobs, run nothing.")
 flags.mark_flags_as_required(["config", "workdir"])
 
-# multiscene.SCENE_FIELDS, without importing JAX for --dry_run (tests/test_sweep.py checks they agree)
-SCENE_FIELDS = ("prompt", "seed", "optim.lr", "guidance.guidance_scale", "loss.orientation_weight",
-                "loss.opacity_weight", "loss.entropy_weight")
-
 
 def main(argv):
   del argv
@@ -49,7 +45,7 @@ def main(argv):
     grid = sweep.grid(_SWEEP.value)
   except ValueError as e:
     sys.exit(f"error: {e}")
-  jobs = [[r] for r in grid] if _SEPARATE.value else sweep.groups(grid, SCENE_FIELDS)
+  jobs = [[r] for r in grid] if _SEPARATE.value else sweep.groups(grid, sweep.SCENE_FIELDS)
   train = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
   failed = []
   for i, job in enumerate(jobs):

@@ -53,19 +53,6 @@ def test_runs_that_differ_in_scene_fields_share_a_job(tmp_path):
                    "[job 2/2] 2 scenes in one job: lr=1e-2,num_samples=16; lr=5e-3,num_samples=16"]
 
 
-def test_the_scripts_scene_fields_are_multiscenes():
-  import importlib.util
-  import os
-
-  from dreamfusion_jax import multiscene
-
-  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "sweep.py")
-  spec = importlib.util.spec_from_file_location("_sweep_script", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  assert module.SCENE_FIELDS == multiscene.SCENE_FIELDS
-
-
 def test_groups_split_on_the_other_fields():
   grid = sweep.grid(["prompt=a,b", "render.num_samples=8,16", "seed=0,1"])
   jobs = sweep.groups(grid, ("prompt", "seed", "optim.lr"))
