@@ -73,9 +73,10 @@ def _train_scenes(job, fixed, names) -> bool:
   from dreamfusion_jax import errors, multiscene
 
   try:
+    base = sweep.load_config_file(_CONFIG.value)
     configs = []
     for overrides in job:
-      config = sweep.load_config_file(_CONFIG.value)
+      config = base.copy_and_resolve_references()
       for key, value in {**fixed, **overrides}.items():
         sweep.apply_override(config, key, value)
       configs.append(config)

@@ -248,12 +248,10 @@ def guidance_direction(guidance: StableDiffusionGuidance, params: Params, noisy_
     return eps_u, eps_c - eps_u
   from dreamfusion_jax.guidance import perp_neg  # pylint: disable=g-import-not-at-top
 
-  b = noisy_latents.shape[0]
   neg = cond_emb["neg"]
-  emb = jnp.concatenate([uncond_emb, cond_emb["pos"], neg[:, 0], neg[:, 1]])
-  eps = predict_noise(guidance, params, jnp.concatenate([noisy_latents] * 4), jnp.concatenate([t] * 4), emb)
-  eps_u, eps_pos = eps[:b], eps[b:2 * b]
-  eps_neg = jnp.stack([eps[2 * b:3 * b], eps[3 * b:]], axis=1)
+  eps_u, eps_pos, eps_neg0, eps_neg1 = predict_noise_per_embedding(
+      guidance, params, noisy_latents, t, [uncond_emb, cond_emb["pos"], neg[:, 0], neg[:, 1]])
+  eps_neg = jnp.stack([eps_neg0, eps_neg1], axis=1)
   return eps_u, perp_neg.guidance_direction(eps_u, eps_pos, eps_neg, cond_emb["neg_weights"])
 
 
@@ -261,10 +259,18 @@ def noise_pair(guidance: StableDiffusionGuidance, params: Params, noisy_latents:
                cond_emb: Array, uncond_emb: Array) -> tuple[Array, Array]:
   """(eps_u, eps_c): the unconditional and conditional predictions from ONE UNet call
   on the doubled batch; each (B, h, w, C) float32."""
-  b = noisy_latents.shape[0]
-  eps = predict_noise(guidance, params, jnp.concatenate([noisy_latents, noisy_latents]),
-                      jnp.concatenate([t, t]), jnp.concatenate([uncond_emb, cond_emb]))
-  return eps[:b], eps[b:]
+  eps_u, eps_c = predict_noise_per_embedding(guidance, params, noisy_latents, t, [uncond_emb, cond_emb])
+  return eps_u, eps_c
+
+
+def predict_noise_per_embedding(guidance: StableDiffusionGuidance, params: Params, noisy_latents: Array, t: Array,
+                                embeddings: Sequence[Array]) -> list[Array]:
+  """The prediction of the same noisy latents under each of K embeddings, from ONE
+  UNet call on a batch of K B; a list of K (B, h, w, C) float32 arrays."""
+  k, b = len(embeddings), noisy_latents.shape[0]
+  eps = predict_noise(guidance, params, jnp.concatenate([noisy_latents] * k), jnp.concatenate([t] * k),
+                      jnp.concatenate(list(embeddings)))
+  return [eps[i * b:(i + 1) * b] for i in range(k)]
 
 
 def ddim_sample(guidance: StableDiffusionGuidance, params: Params, cond_emb: Array, uncond_emb: Array,
