@@ -52,8 +52,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
 
   cam = c.cameras
   cam.radius_range = views.radius_range
-  # (-10, 45), not the base config's (-10, 90): the prior was trained on these views
-  # only and has never seen an overhead one.
+  # The prior's training views, (-10, 90) as in the base config: overhead views show the
+  # torus's hole and the cube's square top.
   cam.elevation_range_deg = views.elevation_range_deg
   cam.fovy_range_deg = views.fovy_range_deg
   cam.camera_perturb = cam.center_perturb = cam.up_perturb = 0.0  # the prior saw centred objects

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dreamfusion_jax import files, toy_world
+from dreamfusion_jax import errors, files, toy_world
 from dreamfusion_jax.guidance import char_tokenizer, pipeline_dir
 
 # The functions that build or run the models import guidance.stable_diffusion /
@@ -161,6 +161,13 @@ def render_dataset(seed: int, per_object: int, *, chunk: int = 64) -> dict:
   images = np.concatenate(images)[:n]
   return {"images": np.round(np.clip(images, 0, 1) * 255).astype(np.uint8), "object": object_idx,
           "bucket": np.concatenate(buckets)[:n].astype(np.int32)}
+
+
+def dataset_signature(seed: int, per_object: int) -> str:
+  """What the rendered training set depends on: seed, views per object and the toy
+  world's view distribution (a workdir's data and checkpoints belong to one)."""
+  views = dataclasses.asdict(toy_world.ViewDistribution())
+  return json.dumps({"seed": seed, "per_object": per_object, "views": views}, sort_keys=True)
 
 
 @flax.struct.dataclass
@@ -342,12 +349,18 @@ def train_prior(workdir: str, *, steps: int, batch_size: int = 32, per_object: i
   work = pathlib.Path(workdir)
   work.mkdir(parents=True, exist_ok=True)
   data_path = work / "dataset.npz"
+  signature = dataset_signature(seed, per_object)
   if not data_path.exists():
     t0 = time.time()
     data = render_dataset(seed, per_object)
+    data["signature"] = np.asarray(signature)
     files.write_atomically(data_path, lambda tmp: np.savez(tmp, **data))
     print(f"rendered {len(data['object'])} training images in {time.time() - t0:.0f} s", flush=True)
   data = dict(np.load(data_path))
+  found = str(data.pop("signature", "(none: rendered before the signature was recorded)"))
+  if found != signature:
+    raise errors.InputError(f"{data_path} was rendered for {found}, not {signature}: "
+                           "use a new --workdir (its checkpoints belong to that data)")
 
   init_dir = work / "init"
   if not init_dir.exists():
@@ -386,6 +399,7 @@ def train_prior(workdir: str, *, steps: int, batch_size: int = 32, per_object: i
     out = write_prior_dir(out_dir, ema,
                           {"step": int(state.step), "target_steps": steps, "batch_size": batch_size,
                            "per_object": per_object, "lr": lr, "seed": seed,
+                           "views": dataclasses.asdict(toy_world.ViewDistribution()),
                            "conditioning_gaps": {k: round(gaps[k], 5) for k in ("shape", "color", "text")}})
     sample_guidance, sample_params = load(out)
     save_sample_grid(sample_guidance, sample_params, str(work / f"samples_{int(state.step):06d}.png"))

@@ -11,6 +11,8 @@ dreamfusion_jax/assets/toy_prior/ every --export_every steps, with a PNG grid of
 samples in the workdir.
 """
 
+import sys
+
 from absl import app, flags, logging
 
 from dreamfusion_jax import cli
@@ -35,10 +37,16 @@ def main(argv):
   cli.apply_cpu_xla_flags()  # what training runs with (docs/performance.md); before JAX starts
   from dreamfusion_jax import toy_prior
 
-  toy_prior.train_prior(_WORKDIR.value, steps=_STEPS.value, batch_size=_BATCH.value, per_object=_PER_OBJECT.value,
-                        lr=_LR.value, seed=_SEED.value, ckpt_every=_CKPT.value, export_every=_EXPORT.value,
-                        out_dir=_OUT.value or toy_prior.PRIOR_DIR, warm_start=_WARM.value,
-                        export_only=_EXPORT_ONLY.value)
+  from dreamfusion_jax import errors
+
+  try:
+    toy_prior.train_prior(_WORKDIR.value, steps=_STEPS.value, batch_size=_BATCH.value, per_object=_PER_OBJECT.value,
+                          lr=_LR.value, seed=_SEED.value, ckpt_every=_CKPT.value, export_every=_EXPORT.value,
+                          out_dir=_OUT.value or toy_prior.PRIOR_DIR, warm_start=_WARM.value,
+                          export_only=_EXPORT_ONLY.value)
+  except errors.InputError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(1)
 
 
 if __name__ == "__main__":
