@@ -106,6 +106,7 @@ class RasterOutput:
     tile_overflow: (num_tiles,) int32 Gaussians that reached a tile but did not fit its
       capacity (the farthest ones are dropped).
     visible: (N,) the projection's visibility (densification counts views by it).
+    radius_px: (N,) the larger half-width of each footprint box, in pixels.
   """
 
   rgb: Array
@@ -114,6 +115,7 @@ class RasterOutput:
   normals: Array
   tile_overflow: Array
   visible: Array
+  radius_px: Array
 
 
 def quaternion_to_rotation(q: Array) -> Array:
@@ -339,6 +341,7 @@ def rasterize(
     tile_size: int = 16,
     capacity: int = 256,
     near: float = DEFAULT_NEAR,
+    screen_offsets: Array | None = None,
 ) -> RasterOutput:
   """Renders N Gaussians into one H x W image.
 
@@ -350,11 +353,16 @@ def rasterize(
     tile_size: T, tile side in pixels.
     capacity: K, Gaussians kept per tile (the nearest).
     near: near-plane depth.
+    screen_offsets: (N, 2) zeros, or None. Added to the projected centres, so the
+      gradient w.r.t. them is the screen-space positional gradient that densification
+      accumulates (the reference's `viewspace_points.grad`).
 
   Returns:
     RasterOutput.
   """
   proj = project(g, position=position, c2w=c2w, fovy_deg=fovy_deg, height=height, width=width, near=near)
+  if screen_offsets is not None:
+    proj = proj.replace(means2d=proj.means2d + screen_offsets)
   ids, valid, overflow = bin_to_tiles(proj, height=height, width=width, tile_size=tile_size, capacity=capacity)
   normals = gaussian_normals(g.scales, g.rotations, g.means, position)
   conics = jnp.linalg.inv(proj.cov2d)
@@ -386,4 +394,4 @@ def rasterize(
   z = acc[..., 3] / jnp.maximum(opacity, 1e-10)
   depth = jnp.where(opacity > 0, z * ray_length_per_depth(height, width, focal, dtype), 0.0)
   return RasterOutput(rgb=rgb, opacity=opacity, depth=depth, normals=acc[..., 4:], tile_overflow=overflow,
-                      visible=proj.visible)
+                      visible=proj.visible, radius_px=jnp.max(proj.extents, axis=-1))
