@@ -17,6 +17,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.prompt = "a DSLR photo of a hamburger"
   c.seed = 0
+  # The scene representation: "nerf" (config.field, render.py) or "gaussians" (3D
+  # Gaussians, config.gaussians: see configs/dreamgaussian.py and docs/gaussians.md).
+  c.representation = "nerf"
 
   # The 2D prior (dreamfusion_jax.guidance).
   g = c.guidance = ml_collections.ConfigDict()

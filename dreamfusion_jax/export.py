@@ -480,7 +480,8 @@ def export_scene_mesh(config: ml_collections.ConfigDict, scene: scene_lib.Scene,
 
   Args:
     step: the training step, for the scene's coarse-to-fine level mask; None: all levels.
-    threshold: isosurface density; default `default_threshold` of the config.
+    threshold: isosurface density; default the scene's `mesh_threshold` if it has one,
+      else `default_threshold` of the config.
     **kwargs: format, texture, texture_size, min_component_fraction, target_faces,
       chunk_size, progress (see `export_mesh`).
 
@@ -491,6 +492,10 @@ def export_scene_mesh(config: ml_collections.ConfigDict, scene: scene_lib.Scene,
     ExportError: bad arguments, or nothing above the threshold (nothing is written).
   """
   bound = float(config.render.bound)
+  if threshold is None:
+    # A representation with its own density scale names its threshold (Gaussians:
+    # DreamGaussian's 1 on the summed Gaussians); a NeRF's follows its ray sampling.
+    threshold = getattr(scene, "mesh_threshold", None)
   if threshold is None:
     threshold = default_threshold(bound=bound, num_samples=int(config.render.num_samples))
   field_fn = scene_field_fn(scene, params, None if step is None else scene.level_mask(step))

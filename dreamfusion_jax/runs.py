@@ -96,6 +96,7 @@ def upgrade_config(saved: dict) -> dict:
   field["blob_kind"] = _RENAMED_BLOB_KINDS.get(field.get("blob_kind"), field.get("blob_kind"))
   if saved.get("guidance", {}).pop("latent_mode", False):
     raise errors.InputError("this run used guidance.latent_mode, which no longer exists")
+  saved.setdefault("representation", "nerf")  # runs written before the switch are NeRFs
   for (section, name), value in _ADDED_FIELDS.items():
     if section in saved:
       saved[section].setdefault(name, value)

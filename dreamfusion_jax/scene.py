@@ -75,9 +75,30 @@ class Scene:
     """Learned background for ray directions (..., 3) -> (..., 3) colours."""
     return self.background.apply({"params": params["background"]}, directions)
 
+  # The representation's hooks around the optimiser step (gaussians/scene.py has the
+  # other implementation): a NeRF has no screen-space probes and no upkeep.
+  def screen_probes(self, batch_size: int) -> None:
+    del batch_size
+    return None
 
-def build_scene(config: ml_collections.ConfigDict) -> Scene:
-  """The scene described by `config.field`, `config.background` and `config.render`."""
+  def after_update(self, *, params: dict, opt_state, **unused) -> tuple[dict, object, dict]:
+    del unused
+    return params, opt_state, {}
+
+
+REPRESENTATIONS = ("nerf", "gaussians")
+
+
+def build_scene(config: ml_collections.ConfigDict):
+  """The scene of `config.representation`: a NeRF (`Scene`, from `config.field`,
+  `config.background` and `config.render`) or 3D Gaussians (gaussians/scene.py)."""
+  representation = config.get("representation", "nerf")  # runs written before the switch are NeRFs
+  if representation == "gaussians":
+    from dreamfusion_jax.gaussians import scene as gaussian_scene  # pylint: disable=import-outside-toplevel
+
+    return gaussian_scene.build_scene(config)
+  if representation != "nerf":
+    raise ValueError(f"config.representation must be one of {', '.join(REPRESENTATIONS)}; got {representation!r}")
   f = config.field
   fields.check_blob_kind(f.blob_kind)  # before anything traces: one line naming the field
   field = fields.NeRFField(
@@ -118,6 +139,7 @@ def render_views(
     solid_background: Array,
     use_solid_background: Array,
     level_mask: Optional[Array] = None,
+    screen_probes: Optional[Array] = None,
 ) -> dict:
   """Renders B training views and the per-image regularizer terms.
 
@@ -130,12 +152,19 @@ def render_views(
     solid_background: (B, 3) colours used where `use_solid_background` (B,) is true,
       or always when the scene has no background MLP.
     level_mask: progressive hash-grid mask.
+    screen_probes: the representation's `screen_probes` (None for a NeRF).
 
   Returns:
     dict with "rgb" (B, H, W, 3), "opacity" (B, H, W), "depth" (B, H, W),
     "normals" (B, H, W, 3), and per-image (B,) "orientation", "opacity_sparsity",
-    "opacity_entropy".
+    "opacity_entropy"; another representation may add "metrics" (per-image scalars to
+    log) and what its `after_update` reads.
   """
+  if not isinstance(scene, Scene):  # another representation renders itself
+    return scene.render_views(params, cams, height=height, width=width, keys=keys, light_positions=light_positions,
+                              shading=shading, solid_background=solid_background,
+                              use_solid_background=use_solid_background, level_mask=level_mask,
+                              screen_probes=screen_probes)
   origins, directions = cameras_lib.generate_rays(cams, height, width)
   field_fn = scene.field_fn(params, level_mask)
   s = scene.settings
@@ -185,6 +214,9 @@ def render_eval_views(
     "normals" (B, H, W, 3) with unit normals composited as colours in [0, 1]
     ((n + 1) / 2 over a white background).
   """
+  if not isinstance(scene, Scene):  # another representation renders itself
+    return scene.render_eval_views(params, cams, height=height, width=width, chunk_size=chunk_size,
+                                   shading=shading, level_mask=level_mask)
   origins, directions = cameras_lib.generate_rays(cams, height, width)
   b = origins.shape[0]
   light = jnp.broadcast_to(cams.positions[:, None, None, :], origins.shape)

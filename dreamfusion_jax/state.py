@@ -38,7 +38,13 @@ class TrainState:
 
 def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
   """Adam with eps 1e-15 (instant-ngp's choice for hash tables), per-group learning
-  rates for the field and the background, optional global-norm clipping and schedule."""
+  rates for the field and the background, optional global-norm clipping and schedule.
+
+  With `optim.gaussians` (a Gaussian scene, gaussians/scene.py), each Gaussian
+  parameter has its own Adam and learning rate, as DreamGaussian's; the means' decays
+  exponentially from `means` to `means_final` over `means_decay_steps` (the reference's
+  get_expon_lr_func without delay), and the pool's bookkeeping ("field"/"pool") is frozen.
+  """
 
   def schedule(lr):
     if optim.schedule == "constant":
@@ -53,10 +59,25 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int) -> optax.
     return sched
 
   def adam(lr):
-    return optax.adam(schedule(lr), b1=optim.b1, b2=optim.b2, eps=optim.eps)
+    return optax.adam(lr if callable(lr) else schedule(lr), b1=optim.b1, b2=optim.b2, eps=optim.eps)
 
-  tx = optax.multi_transform({"field": adam(optim.lr), "background": adam(optim.background_lr)},
-                             {"field": "field", "background": "background"})
+  groups = {"field": adam(optim.lr), "background": adam(optim.background_lr)}
+  labels = {"field": "field", "background": "background"}
+  gs = optim.get("gaussians")
+  if gs is not None:
+    means_lr = optax.exponential_decay(gs.means, transition_steps=gs.means_decay_steps,
+                                       decay_rate=gs.means_final / gs.means, end_value=gs.means_final)
+    groups = {"background": groups["background"], "frozen": optax.set_to_zero(),
+              **{f"gaussians/{name}": adam(means_lr if name == "means" else gs[name])
+                 for name in ("means", "log_scales", "rotations", "opacity_logits", "color_logits")}}
+
+    def labels(params):
+      field = params["field"]
+      return {"field": {"gaussians": {name: f"gaussians/{name}" for name in field["gaussians"]},
+                        "pool": jax.tree_util.tree_map(lambda _: "frozen", field["pool"])},
+              "background": jax.tree_util.tree_map(lambda _: "background", params["background"])}
+
+  tx = optax.multi_transform(groups, labels)
   if optim.grad_clip > 0:
     tx = optax.chain(optax.clip_by_global_norm(optim.grad_clip), tx)
   return tx

@@ -177,12 +177,16 @@ def train_step(
              for name in ("orientation", "opacity", "entropy")}
   guidance_kwargs = {"guidance_scale": values["guidance_scale"]} if "guidance_scale" in values else {}
 
-  def loss_fn(params):
+  # Zeros whose gradient is each view's screen-space positional gradient (Gaussians'
+  # densification); None for a NeRF.
+  probes = scene.screen_probes(settings.batch_size)
+
+  def loss_fn(params, probes):
     out = scene_lib.render_views(
         scene, params, cams, height=settings.height, width=settings.width, keys=views["render_keys"],
         light_positions=views["light_positions"], shading=views["shading"],
         solid_background=views["solid_background"], use_solid_background=views["use_solid_background"],
-        level_mask=level_mask)
+        level_mask=level_mask, screen_probes=probes)
     guidance_loss, guidance_metrics = guidance.loss(guidance_params, out["rgb"], cond, uncond,
                                                     views["guidance_keys"], t_range, **guidance_kwargs)
     regularizers = {"orientation": jnp.mean(out["orientation"]),
@@ -190,10 +194,11 @@ def train_step(
                     "entropy": jnp.mean(out["opacity_entropy"])}
     total = guidance_loss + sum(weights[k] * regularizers[k] for k in regularizers)
     metrics = {"loss": total, "guidance_loss": guidance_loss, **{f"reg_{k}": v for k, v in regularizers.items()},
-               **guidance_metrics, "mean_opacity": jnp.mean(out["opacity"])}
-    return total, metrics
+               **guidance_metrics, "mean_opacity": jnp.mean(out["opacity"]),
+               **{k: jnp.mean(v) for k, v in out.get("metrics", {}).items()}}
+    return total, (metrics, out.get("pool_views"))
 
-  grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
+  (grads, probe_grads), (metrics, pool_views) = jax.grad(loss_fn, argnums=(0, 1), has_aux=True)(state.params, probes)
   if axis_name:
     grads = jax.lax.pmean(grads, axis_name)
     metrics = jax.lax.pmean(metrics, axis_name)
@@ -203,13 +208,18 @@ def train_step(
   if "lr_scale" in values:
     updates = {**updates, "field": jax.tree_util.tree_map(lambda u: u * values["lr_scale"], updates["field"])}
   new_params = optax.apply_updates(state.params, updates)
+  # The representation's upkeep (a Gaussian pool densifies and prunes; a NeRF has none).
+  new_params, new_opt_state, scene_metrics = scene.after_update(
+      step=step, key=jax.random.fold_in(jax.random.fold_in(base_key, step), 1), params=new_params,
+      opt_state=new_opt_state, probe_grads=probe_grads, views=pool_views, height=settings.height,
+      width=settings.width, axis_name=axis_name)
   # A non-finite step leaves the parameters and the optimiser's moments untouched:
   # one bad guidance sample must not poison Adam's running averages.
   keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
   new_state = TrainState(step=step + 1, params=keep(new_params, state.params),
                          opt_state=keep(new_opt_state, state.opt_state),
                          num_skipped=state.num_skipped + (~finite).astype(jnp.int32))
-  metrics = dict(metrics, grad_norm=grad_norm, skipped=(~finite).astype(jnp.float32),
+  metrics = dict(metrics, **scene_metrics, grad_norm=grad_norm, skipped=(~finite).astype(jnp.float32),
                  t_max=t_range[1], **{f"weight_{k}": v for k, v in weights.items()})
   return new_state, metrics
 
@@ -274,6 +284,21 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     check(lo <= hi, f"config.cameras.{name} must be (low, high) with low <= high, got {tuple(c[name])}")
   check(-90.0 <= c.elevation_range_deg[0] and c.elevation_range_deg[1] <= 90.0,
         f"config.cameras.elevation_range_deg must lie in [-90, 90], got {tuple(c.elevation_range_deg)}")
+  representation = config.get("representation", "nerf")
+  check(representation in scene_lib.REPRESENTATIONS, f"config.representation must be one of "
+        f"{', '.join(scene_lib.REPRESENTATIONS)}, got {representation!r}")
+  if representation == "gaussians":
+    check("gaussians" in config and "gaussians" in config.optim,
+          "config.representation='gaussians' needs config.gaussians and config.optim.gaussians "
+          "(start from configs/dreamgaussian.py or configs/toy_gaussians.py)")
+    if "gaussians" in config:
+      gs = config.gaussians
+      check(0 < gs.num_points <= gs.capacity, f"config.gaussians.num_points must be in (0, capacity="
+            f"{gs.capacity}], got {gs.num_points}")
+      check(gs.tile_size > 0 and gs.tile_capacity > 0, f"config.gaussians.tile_size and tile_capacity must be > 0, "
+            f"got {gs.tile_size}, {gs.tile_capacity}")
+      check(gs.densify_every > 0 and gs.opacity_reset_every > 0, f"config.gaussians.densify_every and "
+            f"opacity_reset_every must be > 0, got {gs.densify_every}, {gs.opacity_reset_every}")
   f = config.field
   check(f.blob_kind in fields.BLOB_KINDS,
         f"config.field.blob_kind must be one of {', '.join(fields.BLOB_KINDS)}, got {f.blob_kind!r}")
