@@ -174,7 +174,7 @@ class GaussianScene:
     [densify_from, densify_until], accumulate the views' screen gradients; every
     densify_every steps clone/split and prune; every opacity_reset_every steps reset
     opacities. Rewritten slots start with zero Adam moments, as new tensors do in the
-    reference. Statistics are summed over devices, so D devices x batch b equal one
+    reference. Statistics are gathered over devices, so D devices x batch b equal one
     device x batch D b.
 
     Returns:
@@ -187,7 +187,10 @@ class GaussianScene:
     delta = pool_lib.accumulate(_zero_stats(stats), probe_grads, views["visible"], views["radius_px"],
                                 height=height, width=width)
     if axis_name:
-      delta = delta.replace(grad_accum=jax.lax.psum(delta.grad_accum, axis_name),
+      # Each device's loss averages its own views, the step's loss all devices' views:
+      # a view's gradient of the step's loss is its device's gradient / D, so the sum of
+      # their norms over all views is the mean over devices of each device's sum.
+      delta = delta.replace(grad_accum=jax.lax.pmean(delta.grad_accum, axis_name),
                             grad_count=jax.lax.psum(delta.grad_count, axis_name),
                             max_radius_px=jax.lax.pmax(delta.max_radius_px, axis_name))
     stats = jax.tree_util.tree_map(lambda old, new: jnp.where(in_window, new, old), stats, stats.replace(
