@@ -32,6 +32,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   gs.capacity = 8192
   gs.num_points = 2000
   gs.tile_size = 8  # 16 tiles of a 32x32 view
+  # Room for the starting ball: at 2000 Gaussians a 32x32 view drops 2499 (tile, Gaussian)
+  # pairs with 256 per tile, 1438 with 512, none with 1024 (docs/gaussians.md).
+  gs.tile_capacity = 1024
   gs.densify_until = c.train.steps
   # The toy prior's SDS gradients are far larger than Stable Diffusion's latent ones: after
   # 2 steps on "a blue sphere" the mean screen gradient (NDC units) has quartiles
