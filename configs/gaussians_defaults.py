@@ -14,7 +14,7 @@ def add_gaussians(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   gs.init_radius = 0.5
   gs.init_opacity = 0.1
   gs.tile_size = 16  # pixels per tile side (the reference's BLOCK_X/Y)
-  gs.tile_capacity = 256  # Gaussians kept per tile, nearest first; overflow is logged
+  gs.tile_capacity = 256  # Gaussians kept per tile, nearest first; overflow is logged (docs/gaussians.md)
   gs.near = 0.2  # the reference's near plane (camera-space depth)
   gs.densify_from = 0  # densify inside [densify_from, densify_until] (steps taken)
   gs.densify_until = 3000
