@@ -231,10 +231,26 @@ def observe_field(field_fn: FieldFn, *, num_samples: int, num_importance_samples
 
 
 def observe_scene(scene, params: dict, *, level_mask: Optional[Array] = None) -> dict:
-  """`observe_field` of an optimised scene, rendered with its own render settings."""
+  """`observe_field` of an optimised scene, rendered with its own render settings.
+
+  A rasterized scene (gaussians/scene.py: it has `render_albedo`) is rendered by its own
+  renderer, and its occupancy is its density above its own `mesh_threshold` (the
+  surface its mesh export takes: DreamGaussian's 1 on the summed Gaussians), since a
+  sum of Gaussians is not a volume density; the ground truth keeps OCCUPANCY_DENSITY.
+  """
+  if hasattr(scene, "render_albedo"):
+    opacity, rgb = (np.asarray(x) for x in _gaussian_albedo(scene, params, score_cameras()))
+    top, _ = _gaussian_albedo(scene, params, top_camera())
+    grid = export.density_grid(export.scene_field_fn(scene, params), resolution=GRID_RESOLUTION, bound=GRID_BOUND)
+    return {"opacity": opacity, "rgb": rgb, "top_opacity": np.asarray(top)[0], "occupied": grid > scene.mesh_threshold}
   s = scene.settings
   return observe_field(export.scene_field_fn(scene, params, level_mask), num_samples=s.num_samples,
                        num_importance_samples=s.num_importance_samples, bound=s.bound)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _gaussian_albedo(scene, params, cams):
+  return scene.render_albedo(params, cams, size=VIEW_SIZE)
 
 
 def score_field(field_fn: FieldFn, prompt_text: str, *, num_samples: int, num_importance_samples: int = 0,

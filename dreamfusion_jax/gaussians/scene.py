@@ -167,6 +167,18 @@ class GaussianScene:
 
     return jax.lax.map(one_image, (cams.positions, cams.c2w, cams.fovy_deg, bg_mlp))
 
+  def render_albedo(self, params: dict, cams: cameras_lib.Cameras, *, size: int) -> tuple[Array, Array]:
+    """Albedo renders over black, as toy_score's ray-marched `render_albedo` gives for a
+    field: opacity (B, size, size) and rgb (B, size, size, 3) = sum_i w_i albedo_i."""
+    g = self.gaussians(params)
+
+    def one_image(args):
+      position, c2w, fovy = args
+      out = self._rasterize(g, position, c2w, fovy, height=size, width=size, background=jnp.zeros(3))
+      return out.opacity, out.rgb
+
+    return jax.lax.map(one_image, (cams.positions, cams.c2w, cams.fovy_deg))
+
   def after_update(self, *, step: Array, key: Array, params: dict, opt_state, probe_grads: Array,
                    views: dict, height: int, width: int, axis_name: Optional[str]) -> tuple[dict, object, dict]:
     """The pool's upkeep after the optimiser step that took the state from `step` to
