@@ -193,3 +193,20 @@ def test_mesh_export_of_a_ball_of_gaussians(tmp_path):
   r = np.linalg.norm(mesh.vertices, axis=-1)
   assert 0.27 < np.median(r) < 0.36 and r.max() < 0.4
   assert mesh.is_watertight
+
+
+def test_turntable_video_of_gaussians(tmp_path):
+  """The shared video path renders a Gaussian scene: frames that show the ball (not
+  blank), a written mp4 and gif."""
+  import imageio.v3 as iio
+
+  from dreamfusion_jax import video
+
+  config, scene, params, _ = ball_scene()
+  paths = video.render_turntable(config, scene, params, str(tmp_path), num_frames=3, height=24, width=24,
+                                 batch_size=2, progress=False)
+  assert os.path.getsize(paths["mp4"]) > 0
+  frames = iio.imread(paths["gif"])
+  assert frames.shape[0] == 3
+  rgb = frames[0, :, :24, :3].astype(float)  # the first layer: rgb over the white background
+  assert rgb[12, 12].mean() < 200 and rgb[1, 1].mean() > 250  # the ball in the middle, white at the corner
