@@ -210,3 +210,19 @@ def test_turntable_video_of_gaussians(tmp_path):
   assert frames.shape[0] == 3
   rgb = frames[0, :, :24, :3].astype(float)  # the first layer: rgb over the white background
   assert rgb[12, 12].mean() < 200 and rgb[1, 1].mean() > 250  # the ball in the middle, white at the corner
+
+
+@pytest.mark.parametrize("override,message", [
+    (("representation", "splats"), "config.representation must be one of nerf, gaussians, got 'splats'"),
+    (("gaussians.num_points", 9000), "config.gaussians.num_points must be in (0, capacity=8192], got 9000"),
+    (("gaussians.tile_capacity", 0), "config.gaussians.tile_size and tile_capacity must be > 0"),
+])
+def test_bad_gaussian_configs_are_named(override, message):
+  config = toy_gaussians.get_config()
+  name, value = override
+  section, _, field = name.rpartition(".")
+  (config[section] if section else config)[field] = value
+  with pytest.raises(train.ConfigError) as e:
+    train.validate_config(config)
+  assert message in str(e.value)
+  train.validate_config(toy_gaussians.get_config())  # the shipped config passes

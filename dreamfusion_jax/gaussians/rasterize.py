@@ -349,7 +349,7 @@ def rasterize(
     g: the Gaussians (colours already shaded).
     position, c2w, fovy_deg: one camera, as one entry of `cameras.Cameras`.
     height, width: image size.
-    background: (3,) colour behind the Gaussians.
+    background: (3,) colour behind the Gaussians, or (H, W, 3) one per pixel.
     tile_size: T, tile side in pixels.
     capacity: K, Gaussians kept per tile (the nearest).
     near: near-plane depth.
