@@ -226,3 +226,28 @@ def test_bad_gaussian_configs_are_named(override, message):
     train.validate_config(config)
   assert message in str(e.value)
   train.validate_config(toy_gaussians.get_config())  # the shipped config passes
+
+
+def test_dreamgaussian_config_steps_with_stable_diffusion(tmp_path):
+  """configs/dreamgaussian.py through the Stable Diffusion guidance (a tiny random
+  model, VAE and all) at toy sizes: two finite steps that move the Gaussians."""
+  from configs import dreamgaussian
+  from dreamfusion_jax.guidance import tiny
+
+  config = dreamgaussian.get_config()
+  config.guidance.model = str(tiny.build_tiny_pipeline_dir(tmp_path / "sd"))
+  config.guidance.image_size = 32
+  config.render.height = config.render.width = 16
+  config.gaussians.capacity, config.gaussians.num_points = 256, 100
+  train.validate_config(config)
+  run = runs.setup_run(config)
+  settings = train.StepSettings.from_config(config, num_devices=1)
+  step = jax.jit(functools.partial(train.train_step, scene=run.scene, guidance=run.guidance, settings=settings,
+                                   tx=run.tx, axis_name=None))
+  state = run.state
+  for _ in range(2):
+    state, metrics = step(state, run.guidance_params, run.embeddings, run.base_key)
+    assert np.isfinite(float(metrics["loss"])) and float(metrics["skipped"]) == 0
+  before = np.asarray(run.state.params["field"]["gaussians"]["means"][:100])
+  after = np.asarray(state.params["field"]["gaussians"]["means"][:100])
+  assert np.abs(after - before).max() > 1e-3
