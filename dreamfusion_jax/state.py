@@ -25,7 +25,8 @@ class TrainState:
 
   Attributes:
     step: int32 scalar, number of steps taken (skipped ones included).
-    params: {"field": ..., "background": ...}.
+    params: {"field": ..., "background": ...}, and "guidance": the guidance method's
+      own trainable parameters where it has some (VSD's LoRA; `guidance.init_trainable`).
     opt_state: optax state.
     num_skipped: int32 scalar, steps whose loss or gradient was not finite.
   """
@@ -36,9 +37,15 @@ class TrainState:
   num_skipped: Array
 
 
-def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int,
+                   guidance_lr: float | None = None) -> optax.GradientTransformation:
   """Adam with eps 1e-15 (instant-ngp's choice for hash tables), per-group learning
-  rates for the field and the background, optional global-norm clipping and schedule."""
+  rates for the field and the background, optional global-norm clipping and schedule.
+
+  guidance_lr: the learning rate of a third group "guidance" (the guidance method's own
+  parameters, see TrainState), or None where there is none (`guidance_lr(config)`).
+  The clipping, where on, is over every group's gradients together.
+  """
 
   def schedule(lr):
     if optim.schedule == "constant":
@@ -55,15 +62,29 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int) -> optax.
   def adam(lr):
     return optax.adam(schedule(lr), b1=optim.b1, b2=optim.b2, eps=optim.eps)
 
-  tx = optax.multi_transform({"field": adam(optim.lr), "background": adam(optim.background_lr)},
-                             {"field": "field", "background": "background"})
+  groups = {"field": adam(optim.lr), "background": adam(optim.background_lr)}
+  if guidance_lr is not None:
+    groups["guidance"] = adam(guidance_lr)
+  tx = optax.multi_transform(groups, {name: name for name in groups})
   if optim.grad_clip > 0:
     tx = optax.chain(optax.clip_by_global_norm(optim.grad_clip), tx)
   return tx
 
 
-def create_train_state(scene: scene_lib.Scene, tx: optax.GradientTransformation, key: Array) -> TrainState:
+def guidance_lr(config: ml_collections.ConfigDict) -> float | None:
+  """The learning rate of the guidance's own parameters: VSD's LoRA (guidance.vsd_lr),
+  None for the methods that have none."""
+  g = config.guidance
+  return float(g.vsd_lr) if g.get("method", "sds") == "vsd" else None
+
+
+def create_train_state(scene: scene_lib.Scene, tx: optax.GradientTransformation, key: Array,
+                       guidance_trainable: Any = None) -> TrainState:
+  """The state at step 0: the scene initialised from `key`, and the guidance's own
+  parameters where it has some (`guidance.init_trainable`; None: none)."""
   params = scene.init(key)
+  if guidance_trainable is not None:
+    params = {**params, "guidance": guidance_trainable}
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     num_skipped=jnp.zeros((), jnp.int32))
 
@@ -72,6 +93,11 @@ def init_key(seed: int) -> Array:
   """The key a run's scene parameters are initialised with (the other half of the
   split is the run's base key for per-step randomness)."""
   return jax.random.split(jax.random.PRNGKey(seed))[0]
+
+
+def guidance_init_key(seed: int) -> Array:
+  """The key the guidance's own parameters (VSD's LoRA) are initialised with."""
+  return jax.random.fold_in(init_key(seed), 1)
 
 
 def base_key(seed: int) -> Array:
