@@ -41,10 +41,14 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   # pixel-space prior (the toy prior has no VAE).
   g.sample_posterior = False
   # The SDS family (dreamfusion_jax/guidance): "sds", "csd" (classifier score only),
-  # "ism" (LucidDreamer's interval score: DDIM-inverted x_s, s = t - ism_delta_t).
+  # "ism" (LucidDreamer's interval score: DDIM-inverted x_s, s = t - ism_delta_t),
+  # "vsd" (ProlificDreamer: a camera-conditioned LoRA of the prior, trained alongside the
+  # scene, replaces the noise; use a guidance_scale of ~7.5 with it, as the paper does).
   g.method = "sds"
   g.ism_delta_t = 50  # training timesteps between x_s and x_t (LucidDreamer: 50)
   g.ism_inv_steps = 5  # DDIM inversion steps from the clean latents to x_s (LucidDreamer: 5)
+  g.vsd_lora_rank = 4  # rank of VSD's LoRA on the UNet's attention projections
+  g.vsd_lr = 1e-4  # Adam learning rate of VSD's LoRA and camera embedding (threestudio's)
   # Perp-Neg: the other views' prompts as negatives, perpendicular to the positive
   # direction (guidance/perp_neg.py; threestudio's weights). Works with every method.
   g.perp_neg = False

@@ -8,7 +8,8 @@ rendered at 32x32 by the toy world's cameras; this config matches its view
 distribution and shading (toy_world.ViewDistribution).
 
 Variants: "quick" (fewer steps, for tests); "csd", "ism" (guidance.method, see
-docs/guidance.md; any config takes --config.guidance.method=sds|csd|ism); "perp_neg"
+docs/guidance.md; any config takes --config.guidance.method=sds|csd|ism|vsd); "vsd"
+(ProlificDreamer's VSD); "perp_neg"
 (--config.guidance.perp_neg=True).
 """
 
@@ -83,8 +84,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   # easily): silhouettes 1.5-1.9x the true area. The penalty is a mean over rays while
   # the SDS gradient is per pixel, so its weight is of the order of the ray count.
   # Measured on "a blue sphere" (step-3000 prior): 0 -> area 1.87x, 200 -> 0.97x,
-  # 300 -> 0.92x, 600 and 1500 -> an empty scene. See docs/toy_prior.md.
-  c.loss.opacity_weight = 200.0
+  # 300 -> 0.92x, 600 and 1500 -> an empty scene. With prior v2 (step 11394), 200 left
+  # every green run and most cubes a faint fog (volumetric IoU 0); 50 scored best of
+  # 200 / 100 / 50 on the full 32-run benchmark. See docs/toy_prior.md.
+  c.loss.opacity_weight = 50.0
 
   c.optim.lr = 1e-2
   t = c.train
@@ -103,9 +106,16 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     t.render_video = t.export_mesh = False
   elif variant in ("csd", "ism"):  # the SDS family's members (dreamfusion_jax/guidance/csd.py, ism.py)
     g.method = variant
+  elif variant == "vsd":  # guidance/vsd.py
+    g.method = variant
+    # The guidance scale stays SDS's 20: the paper's 7.5 (against SD's SDS at 100) left
+    # "a red cube" (seed 0) nearly empty under this config's sparsity weight (silhouette
+    # IoU 0.066). The LoRA's learning rate is 10x threestudio's: a toy run is 400 steps,
+    # not 25000.
+    g.vsd_lr = 1e-3
   elif variant == "perp_neg":  # guidance/perp_neg.py, with SDS
     g.perp_neg = True
   elif variant:
-    raise ValueError(f"unknown variant {variant!r} of configs/toy.py; known: quick, csd, ism, perp_neg")
+    raise ValueError(f"unknown variant {variant!r} of configs/toy.py; known: quick, csd, ism, vsd, perp_neg")
   g.t_anneal_steps = t.steps
   return c

@@ -44,6 +44,11 @@ class Cameras:
   radius: Array
 
 
+def pose_matrices(cameras: Cameras) -> Array:
+  """(B, 3, 4) camera-to-world matrices [R | t]: the rotation `c2w` and the centre."""
+  return jnp.concatenate([cameras.c2w, cameras.positions[..., None]], axis=-1)
+
+
 def spherical_to_cartesian(radius: Array, elevation_deg: Array, azimuth_deg: Array) -> Array:
   """Points on a sphere around the origin, +z up.
 

@@ -67,8 +67,9 @@ def setup_run(config: ml_collections.ConfigDict, *, guidance_and_params=None) ->
   embeddings = prompts_lib.make_prompt_embeddings(guidance, gparams, config.prompt, config.guidance.negative_prompt,
                                                   config.guidance.view_dependent)
   scene = scene_lib.build_scene(config)
-  tx = state_lib.make_optimizer(config.optim, config.train.steps)
-  state = state_lib.create_train_state(scene, tx, state_lib.init_key(config.seed))
+  tx = state_lib.make_optimizer(config.optim, config.train.steps, state_lib.guidance_lr(config))
+  state = state_lib.create_train_state(scene, tx, state_lib.init_key(config.seed),
+                                       guidance.init_trainable(gparams, state_lib.guidance_init_key(config.seed)))
   return RunParts(config=config, guidance=guidance, guidance_params=gparams, embeddings=embeddings, scene=scene,
                   tx=tx, state=state, base_key=state_lib.base_key(config.seed))
 
@@ -87,7 +88,8 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 _RENAMED_BLOB_KINDS = {"linear": "magic3d", "gaussian": "dreamfusion"}
 _ADDED_FIELDS = {("field", "progressive_start_step"): 0, ("train", "mesh_target_faces"): 0,
                  ("guidance", "sample_posterior"): False, ("guidance", "method"): "sds",
-                 ("guidance", "ism_delta_t"): 50, ("guidance", "ism_inv_steps"): 5, ("guidance", "perp_neg"): False}
+                 ("guidance", "ism_delta_t"): 50, ("guidance", "ism_inv_steps"): 5, ("guidance", "perp_neg"): False,
+                 ("guidance", "vsd_lora_rank"): 4, ("guidance", "vsd_lr"): 1e-4}
 
 
 def upgrade_config(saved: dict) -> dict:
@@ -124,6 +126,20 @@ def check_run_dir(workdir: str, step: Optional[int] = None) -> list[int]:
   return steps
 
 
+def _guidance_trainable_shapes(config: ml_collections.ConfigDict):
+  """key -> the guidance's own parameters (VSD's LoRA) built from the model's UNet
+  config alone (no weights read), for a checkpoint's template; key -> None for the
+  methods without any."""
+  if config.guidance.get("method", "sds") != "vsd":
+    return lambda key: None
+  from dreamfusion_jax.guidance import pipeline_dir, sd_models, vsd  # diffusers: only for a VSD run
+
+  root = pipeline_dir.resolve_model_dir(config.guidance.model)
+  _, unet_shapes = sd_models.unet_from_config(pipeline_dir.read_json(root / "unet" / "config.json"))
+  unet_shapes = unet_shapes.get("params", unet_shapes)
+  return lambda key: vsd.init(key, unet_shapes, config.guidance.vsd_lora_rank)
+
+
 def restore_scene(workdir: str, step: Optional[int] = None) -> tuple[ml_collections.ConfigDict, scene_lib.Scene,
                                                                      dict, int]:
   """Scene and parameters of a run's checkpoint (the latest unless `step` is given).
@@ -139,8 +155,10 @@ def restore_scene(workdir: str, step: Optional[int] = None) -> tuple[ml_collecti
   check_run_dir(workdir, step)
   config = load_config(workdir)
   scene = scene_lib.build_scene(config)
-  tx = state_lib.make_optimizer(config.optim, config.train.steps)
-  template = jax.eval_shape(lambda: state_lib.create_train_state(scene, tx, jax.random.PRNGKey(0)))
+  tx = state_lib.make_optimizer(config.optim, config.train.steps, state_lib.guidance_lr(config))
+  init_trainable = _guidance_trainable_shapes(config)
+  key = jax.random.PRNGKey(0)
+  template = jax.eval_shape(lambda: state_lib.create_train_state(scene, tx, key, init_trainable(key)))
   checkpointer = checkpoints.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR),
                                          max_to_keep=config.train.keep_checkpoints, create=False)
   try:

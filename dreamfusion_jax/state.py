@@ -25,7 +25,8 @@ class TrainState:
 
   Attributes:
     step: int32 scalar, number of steps taken (skipped ones included).
-    params: {"field": ..., "background": ...}.
+    params: {"field": ..., "background": ...}, and "guidance": the guidance method's
+      own trainable parameters where it has some (VSD's LoRA; `guidance.init_trainable`).
     opt_state: optax state.
     num_skipped: int32 scalar, steps whose loss or gradient was not finite.
   """
@@ -36,9 +37,14 @@ class TrainState:
   num_skipped: Array
 
 
-def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int,
+                   guidance_lr: float | None = None) -> optax.GradientTransformation:
   """Adam with eps 1e-15 (instant-ngp's choice for hash tables), per-group learning
   rates for the field and the background, optional global-norm clipping and schedule.
+
+  guidance_lr: the learning rate of a third group "guidance" (the guidance method's own
+  parameters, see TrainState), or None where there is none (`guidance_lr(config)`).
+  The clipping, where on, is over every group's gradients together.
 
   With `optim.gaussians` (a Gaussian scene, gaussians/scene.py), each Gaussian
   parameter has its own Adam and learning rate, as DreamGaussian's; the means' decays
@@ -62,20 +68,22 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int) -> optax.
     return optax.adam(lr if callable(lr) else schedule(lr), b1=optim.b1, b2=optim.b2, eps=optim.eps)
 
   groups = {"field": adam(optim.lr), "background": adam(optim.background_lr)}
-  labels = {"field": "field", "background": "background"}
+  if guidance_lr is not None:
+    groups["guidance"] = adam(guidance_lr)
+  labels = {name: name for name in groups}
   gs = optim.get("gaussians")
   if gs is not None:
     means_lr = optax.exponential_decay(gs.means, transition_steps=gs.means_decay_steps,
                                        decay_rate=gs.means_final / gs.means, end_value=gs.means_final)
-    groups = {"background": groups["background"], "frozen": optax.set_to_zero(),
+    groups = {**{k: v for k, v in groups.items() if k != "field"}, "frozen": optax.set_to_zero(),
               **{f"gaussians/{name}": adam(means_lr if name == "means" else gs[name])
                  for name in ("means", "log_scales", "rotations", "opacity_logits", "color_logits")}}
 
     def labels(params):
       field = params["field"]
-      return {"field": {"gaussians": {name: f"gaussians/{name}" for name in field["gaussians"]},
-                        "pool": jax.tree_util.tree_map(lambda _: "frozen", field["pool"])},
-              "background": jax.tree_util.tree_map(lambda _: "background", params["background"])}
+      out = {name: jax.tree_util.tree_map(lambda _, n=name: n, params[name]) for name in params if name != "field"}
+      return {**out, "field": {"gaussians": {name: f"gaussians/{name}" for name in field["gaussians"]},
+                               "pool": jax.tree_util.tree_map(lambda _: "frozen", field["pool"])}}
 
   tx = optax.multi_transform(groups, labels)
   if optim.grad_clip > 0:
@@ -83,8 +91,20 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int) -> optax.
   return tx
 
 
-def create_train_state(scene: scene_lib.Scene, tx: optax.GradientTransformation, key: Array) -> TrainState:
+def guidance_lr(config: ml_collections.ConfigDict) -> float | None:
+  """The learning rate of the guidance's own parameters: VSD's LoRA (guidance.vsd_lr),
+  None for the methods that have none."""
+  g = config.guidance
+  return float(g.vsd_lr) if g.get("method", "sds") == "vsd" else None
+
+
+def create_train_state(scene: scene_lib.Scene, tx: optax.GradientTransformation, key: Array,
+                       guidance_trainable: Any = None) -> TrainState:
+  """The state at step 0: the scene initialised from `key`, and the guidance's own
+  parameters where it has some (`guidance.init_trainable`; None: none)."""
   params = scene.init(key)
+  if guidance_trainable is not None:
+    params = {**params, "guidance": guidance_trainable}
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     num_skipped=jnp.zeros((), jnp.int32))
 
@@ -93,6 +113,11 @@ def init_key(seed: int) -> Array:
   """The key a run's scene parameters are initialised with (the other half of the
   split is the run's base key for per-step randomness)."""
   return jax.random.split(jax.random.PRNGKey(seed))[0]
+
+
+def guidance_init_key(seed: int) -> Array:
+  """The key the guidance's own parameters (VSD's LoRA) are initialised with."""
+  return jax.random.fold_in(init_key(seed), 1)
 
 
 def base_key(seed: int) -> Array:

@@ -187,8 +187,11 @@ def train_step(
         light_positions=views["light_positions"], shading=views["shading"],
         solid_background=views["solid_background"], use_solid_background=views["use_solid_background"],
         level_mask=level_mask, screen_probes=probes)
+    # The guidance method's own parameters (VSD's LoRA), if any, are trained by the same
+    # gradient: its loss reaches only them, the surrogate only the scene.
     guidance_loss, guidance_metrics = guidance.loss(guidance_params, out["rgb"], cond, uncond,
-                                                    views["guidance_keys"], t_range, **guidance_kwargs)
+                                                    views["guidance_keys"], t_range, trainable=params.get("guidance"),
+                                                    c2w=cameras_lib.pose_matrices(cams), **guidance_kwargs)
     regularizers = {"orientation": jnp.mean(out["orientation"]),
                     "opacity": jnp.mean(out["opacity_sparsity"]),
                     "entropy": jnp.mean(out["opacity_entropy"])}
@@ -202,8 +205,8 @@ def train_step(
   if axis_name:
     grads = jax.lax.pmean(grads, axis_name)
     metrics = jax.lax.pmean(metrics, axis_name)
-  grad_norm = optax.tree.norm(grads)
-  finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+  grad_norm = optax.tree.norm({k: v for k, v in grads.items() if k != "guidance"})  # the scene's
+  finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(optax.tree.norm(grads))
   updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
   if "lr_scale" in values:
     updates = {**updates, "field": jax.tree_util.tree_map(lambda u: u * values["lr_scale"], updates["field"])}
@@ -267,6 +270,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         "(its negatives are the other views' prompts)")
   check(g.ism_delta_t >= 0 and g.ism_inv_steps >= 1, f"config.guidance.ism_delta_t must be >= 0 and "
         f"ism_inv_steps >= 1, got {g.ism_delta_t}, {g.ism_inv_steps}")
+  check(g.vsd_lora_rank >= 1, f"config.guidance.vsd_lora_rank must be >= 1, got {g.vsd_lora_rank}")
+  check(g.vsd_lr > 0, f"config.guidance.vsd_lr must be > 0, got {g.vsd_lr}")
   check(t.steps > 0, f"config.train.steps must be > 0, got {t.steps}")
   check(t.batch_size > 0, f"config.train.batch_size must be > 0, got {t.batch_size}")
   for name in ("log_every", "eval_every", "ckpt_every", "keep_checkpoints"):

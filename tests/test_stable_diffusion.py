@@ -574,3 +574,108 @@ def test_perp_neg_guided_noise_matches_an_independent_computation(loaded, sds_ca
   cond0 = dict(cond, neg_weights=jnp.zeros_like(weights))
   got0 = np.asarray(jax.jit(lambda p: sd.guided_noise(guidance, p, c["noisy"], c["t"], cond0, c["uncond"]))(params))
   np.testing.assert_allclose(got0, eps_u + 7.5 * e_pos, rtol=1e-3, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- VSD (guidance/vsd.py)
+
+def _vsd_inputs(guidance, params, c, *, zero: bool):
+  """VSD's trainable tree (zero contribution as initialised, or with random B and last
+  camera layer), poses and the LoRA's draws for the sds_case batch."""
+  from dreamfusion_jax.guidance import vsd
+
+  trainable = vsd.init(jax.random.PRNGKey(5), params["unet"], rank=2)
+  if not zero:
+    leaves, treedef = jax.tree_util.tree_flatten(trainable["lora"])
+    keys = iter(jax.random.split(jax.random.PRNGKey(6), len(leaves) + 2))
+    trainable["lora"] = jax.tree_util.tree_unflatten(
+        treedef, [0.05 * jax.random.normal(next(keys), x.shape) for x in leaves])
+    cam = trainable["camera"]
+    trainable["camera"] = {**cam, "w2": 0.1 * jax.random.normal(next(keys), cam["w2"].shape),
+                           "b2": 0.1 * jax.random.normal(next(keys), cam["b2"].shape)}
+  c2w = jax.random.normal(jax.random.PRNGKey(7), (2, 3, 4))
+  lora_t = jnp.array([400, 30], jnp.int32)
+  lora_noise = jax.random.normal(jax.random.PRNGKey(8), c["latents"].shape)
+  return dict(trainable=trainable, c2w=c2w, lora_t=lora_t, lora_noise=lora_noise)
+
+
+def _vsd_loss(guidance, params, z, c, vsd_kwargs):
+  return sd.latent_sds_loss(_with_method(guidance, method="vsd"), params, z, c["cond"], c["uncond"], c["t"],
+                            c["noise"], **vsd_kwargs)
+
+
+def test_vsd_with_a_zero_initialised_lora_is_cfg_minus_cond(loaded, sds_case):
+  """eps_lora starts as the prior's conditional prediction: the gradient is
+  w(t) (eps_cfg - eps_cond), exactly what the two plain predictions give."""
+  guidance, params = loaded
+  c = sds_case
+  kw = _vsd_inputs(guidance, params, c, zero=True)
+  got = np.asarray(jax.jit(jax.grad(lambda z: _vsd_loss(guidance, params, z, c, kw)[0]))(c["latents"]))
+  eps_u, eps_c = np.asarray(c["eps_u"]), np.asarray(c["eps_c"])
+  w = np.asarray(1.0 - params["alphas_cumprod"][c["t"]])[:, None, None, None]
+  want = w * (eps_u + 7.5 * (eps_c - eps_u) - eps_c) / 2  # batch mean
+  # Exact in math; float32 UNet calls on batches of different make-up differ by ~1e-5.
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=3e-5)
+  assert np.abs(want).max() > 1e-3
+
+
+def _merged_reference(params, trainable, offset_row):
+  """The UNet params with W + A B written out per kernel, and the camera embedding of
+  one image folded into the time embedding's last bias (it is added to that layer's
+  output): an independent route to eps_lora for that image."""
+  unet = traverse_util.flatten_dict(jax.device_get(dict(params["unet"])))
+  unet = {k: np.array(v) for k, v in unet.items()}
+  for path, ab in traverse_util.flatten_dict(jax.device_get(trainable["lora"])).items():
+    if path[-1] == "a":
+      kernel = path[:-1] + ("kernel",)
+      b = traverse_util.flatten_dict(jax.device_get(trainable["lora"]))[path[:-1] + ("b",)]
+      unet[kernel] = unet[kernel] + np.asarray(ab) @ np.asarray(b)
+  bias = ("time_embedding", "linear_2", "bias")
+  unet[bias] = unet[bias] + offset_row
+  return {**params, "unet": traverse_util.unflatten_dict(unet)}
+
+
+def test_vsd_lora_prediction_matches_merged_weights_and_a_shifted_time_embedding(loaded, sds_case):
+  from dreamfusion_jax.guidance import vsd
+
+  guidance, params = loaded
+  c = sds_case
+  kw = _vsd_inputs(guidance, params, c, zero=False)
+  got = np.asarray(jax.jit(lambda p, tr: vsd.lora_noise(guidance, p, tr, c["noisy"], c["t"], c["cond"], kw["c2w"]))(
+      params, kw["trainable"]))
+  # The camera MLP written out in numpy.
+  cam = jax.device_get(kw["trainable"]["camera"])
+  x = np.asarray(kw["c2w"]).reshape(2, 12)
+  h = x @ cam["w1"] + cam["b1"]
+  offset = (h / (1 + np.exp(-h))) @ cam["w2"] + cam["b2"]
+  for i in range(2):
+    ref_params = _merged_reference(params, kw["trainable"], offset[i])
+    want = np.asarray(sd.predict_noise(guidance, ref_params, c["noisy"][i:i + 1], c["t"][i:i + 1],
+                                       c["cond"][i:i + 1]))
+    np.testing.assert_allclose(got[i:i + 1], want, rtol=1e-4, atol=1e-5)
+  # Neither the LoRA nor the camera is a no-op here.
+  assert np.abs(got - np.asarray(c["eps_c"])).max() > 1e-3
+
+
+def test_vsd_gradients_split_between_the_scene_and_the_lora(loaded, sds_case):
+  """d/d latents: w (eps_cfg - eps_lora) only (the LoRA's loss sees detached latents);
+  d/d LoRA: the LoRA's denoising loss only (the residual is a constant)."""
+  from dreamfusion_jax.guidance import vsd
+
+  guidance, params = loaded
+  c = sds_case
+  kw = _vsd_inputs(guidance, params, c, zero=False)
+  g = _with_method(guidance, method="vsd")
+
+  def total(z, tr):
+    return _vsd_loss(guidance, params, z, c, {**kw, "trainable": tr})[0]
+
+  grad_z, grad_tr = jax.jit(jax.grad(total, argnums=(0, 1)))(c["latents"], kw["trainable"])
+  eps_u, eps_c = np.asarray(c["eps_u"]), np.asarray(c["eps_c"])
+  eps_lora = np.asarray(vsd.lora_noise(g, params, kw["trainable"], c["noisy"], c["t"], c["cond"], kw["c2w"]))
+  w = np.asarray(1.0 - params["alphas_cumprod"][c["t"]])[:, None, None, None]
+  np.testing.assert_allclose(grad_z, w * (eps_u + 7.5 * (eps_c - eps_u) - eps_lora) / 2, rtol=1e-4, atol=3e-5)
+  want_tr = jax.grad(lambda tr: vsd.lora_loss(g, params, tr, c["latents"], c["cond"], kw["lora_t"],
+                                              kw["lora_noise"], kw["c2w"]))(kw["trainable"])
+  for a, b in zip(jax.tree_util.tree_leaves(grad_tr), jax.tree_util.tree_leaves(want_tr)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+  assert max(float(jnp.abs(x).max()) for x in jax.tree_util.tree_leaves(grad_tr)) > 1e-4

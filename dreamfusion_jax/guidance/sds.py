@@ -32,8 +32,8 @@ Array = jax.Array
 
 WEIGHTINGS = ("sds", "uniform", "fantasia3d")
 # The SDS family (config.guidance.method): "sds" here and in stable_diffusion.py, the
-# others one module each in this package (csd.py, ism.py), each with a `residual`.
-METHODS = ("sds", "csd", "ism")
+# others one module each in this package (csd.py, ism.py, vsd.py), each with a `residual`.
+METHODS = ("sds", "csd", "ism", "vsd")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 
 

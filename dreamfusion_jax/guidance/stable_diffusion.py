@@ -31,9 +31,11 @@ Config fields (`config.guidance`, read by `from_config`; defaults in brackets):
   image_size       VAE input size; renders are resized (bilinear) to it [512].
   sample_posterior encode to a sample of the VAE posterior instead of its mean [False].
   method           the member of the SDS family: "sds", "csd" (guidance/csd.py), "ism"
-                   (guidance/ism.py) ["sds"].
+                   (guidance/ism.py), "vsd" (guidance/vsd.py: trains a LoRA alongside
+                   the scene, see `init_trainable`) ["sds"].
   ism_delta_t      ISM's interval t - s in training timesteps [50].
   ism_inv_steps    ISM's DDIM inversion steps from the clean latents to x_s [5].
+  vsd_lora_rank    the rank r of VSD's LoRA [4].
   negative_prompt  the unconditional prompt [""] (used by make_prompt_embeddings).
   view_dependent   append ", front view" etc. per view bucket [True] (ditto).
 Other fields of the section (e.g. an annealing schedule of t_max) are ignored here.
@@ -83,6 +85,7 @@ class SDSSettings:
   method: str = "sds"
   ism_delta_t: int = 50
   ism_inv_steps: int = 5
+  vsd_lora_rank: int = 4
 
   def __post_init__(self):
     if self.method not in METHODS:
@@ -90,6 +93,8 @@ class SDSSettings:
     if self.ism_delta_t < 0 or self.ism_inv_steps < 1:
       raise ValueError(f"need guidance.ism_delta_t >= 0 and guidance.ism_inv_steps >= 1, got {self.ism_delta_t}, "
                        f"{self.ism_inv_steps}")
+    if self.vsd_lora_rank < 1:
+      raise ValueError(f"guidance.vsd_lora_rank={self.vsd_lora_rank} must be >= 1")
     if self.weighting not in sds.WEIGHTINGS:
       raise ValueError(f"guidance.weighting={self.weighting!r}; known: {sds.WEIGHTINGS}")
     if not 0.0 <= self.t_min <= self.t_max <= 1.0:
@@ -127,9 +132,20 @@ class StableDiffusionGuidance:
     return self.settings.image_size // self.vae_downsample
 
   def loss(self, params: Params, images: Array, cond_emb: Array, uncond_emb: Array, key: Array,
-           t_range: Array | None = None, guidance_scale: Array | None = None) -> tuple[Array, dict[str, Array]]:
+           t_range: Array | None = None, guidance_scale: Array | None = None, *, trainable: Any = None,
+           c2w: Array | None = None) -> tuple[Array, dict[str, Array]]:
     """SDS surrogate loss of rendered images; see `sds_loss`."""
-    return sds_loss(params, images, cond_emb, uncond_emb, key, t_range, guidance=self, guidance_scale=guidance_scale)
+    return sds_loss(params, images, cond_emb, uncond_emb, key, t_range, guidance=self, guidance_scale=guidance_scale,
+                    trainable=trainable, c2w=c2w)
+
+  def init_trainable(self, params: Params, key: Array) -> Any:
+    """The method's own trainable parameters, trained with the scene by the same
+    gradient (passed back to `loss` as `trainable`): VSD's LoRA, None otherwise."""
+    if self.settings.method != "vsd":
+      return None
+    from dreamfusion_jax.guidance import vsd  # pylint: disable=g-import-not-at-top
+
+    return vsd.init(key, params["unet"], self.settings.vsd_lora_rank)
 
   def encode_prompts(self, params: Params, prompts: Sequence[str]) -> Array:
     """Text embeddings (N, L, D) float32 of N prompts (L = tokenizer max length, 77)."""
@@ -319,8 +335,9 @@ def sds_residual(guidance: StableDiffusionGuidance, params: Params, latents: Arr
 
 
 def latent_sds_loss(guidance: StableDiffusionGuidance, params: Params, latents: Array, cond_emb: Array,
-                    uncond_emb: Array, t: Array, noise: Array, guidance_scale: Array | None = None
-                    ) -> tuple[Array, dict[str, Array]]:
+                    uncond_emb: Array, t: Array, noise: Array, guidance_scale: Array | None = None, *,
+                    trainable: Any = None, c2w: Array | None = None, lora_t: Array | None = None,
+                    lora_noise: Array | None = None) -> tuple[Array, dict[str, Array]]:
   """SDS surrogate loss of latents at given timesteps and noise (no randomness inside).
 
   d loss / d latents = w(t) residual / B, clipped per settings, where residual is the
@@ -331,17 +348,25 @@ def latent_sds_loss(guidance: StableDiffusionGuidance, params: Params, latents: 
     latents: (B, h, w, C) float32. cond_emb, uncond_emb: (B, L, D).
     t: (B,) int32 timesteps. noise: (B, h, w, C) the eps added.
     guidance_scale: see `guided_noise`.
+    trainable, c2w, lora_t, lora_noise: VSD only (vsd.py): its LoRA (`init_trainable`),
+      the views' (B, 3, 4) cameras, and the LoRA loss's own (B,) timesteps and noise.
 
   Returns:
     (loss, metrics): "sds_loss", "timestep" (mean t as a fraction of T),
-    "sds_grad_norm" (mean per-image L2 norm of the latent gradient), "sds_weight" (mean w).
+    "sds_grad_norm" (mean per-image L2 norm of the latent gradient), "sds_weight" (mean w);
+    VSD adds its LoRA's loss to the loss and as "vsd_lora_loss".
   """
   s = guidance.settings
   abar = params["alphas_cumprod"]
   residual_fn = sds_residual if s.method == "sds" else importlib.import_module(
       f"dreamfusion_jax.guidance.{s.method}").residual
+  extra = {}
+  if s.method == "vsd":
+    if trainable is None or c2w is None or lora_t is None:
+      raise ValueError("guidance.method=vsd needs its trainable LoRA, the cameras and the LoRA's draws")
+    extra = {"trainable": jax.lax.stop_gradient(trainable), "c2w": c2w}
   residual = jax.lax.stop_gradient(residual_fn(guidance, params, jax.lax.stop_gradient(latents), cond_emb,
-                                               uncond_emb, t, noise, guidance_scale))
+                                               uncond_emb, t, noise, guidance_scale, **extra))
   weight = sds.sds_weight(abar, t, s.weighting)
   grad = sds.weighted_gradient(residual, weight, s.grad_clip)
   loss = sds.sds_surrogate_loss(latents, grad)
@@ -351,12 +376,19 @@ def latent_sds_loss(guidance: StableDiffusionGuidance, params: Params, latents: 
       "sds_grad_norm": jnp.mean(jnp.sqrt(jnp.sum(grad.reshape(grad.shape[0], -1) ** 2, axis=-1))),
       "sds_weight": jnp.mean(weight),
   }
+  if s.method == "vsd":
+    from dreamfusion_jax.guidance import vsd  # pylint: disable=g-import-not-at-top
+
+    lora = vsd.lora_loss(guidance, params, trainable, latents, cond_emb, lora_t, lora_noise, c2w)
+    loss = loss + lora
+    metrics["vsd_lora_loss"] = lora
   return loss, metrics
 
 
 def sds_loss(params: Params, images: Array, cond_emb: Array, uncond_emb: Array, key: Array,
              t_range: Array | None = None, *, guidance: StableDiffusionGuidance,
-             guidance_scale: Array | None = None) -> tuple[Array, dict[str, Array]]:
+             guidance_scale: Array | None = None, trainable: Any = None,
+             c2w: Array | None = None) -> tuple[Array, dict[str, Array]]:
   """The SDS loss of a batch of renders: pure and jittable; jax.grad of it with respect
   to `images` is the SDS gradient pushed back through the VAE encoder.
 
@@ -376,6 +408,8 @@ def sds_loss(params: Params, images: Array, cond_emb: Array, uncond_emb: Array, 
       recompiling); None: the settings' t_min, t_max.
     guidance: the static StableDiffusionGuidance.
     guidance_scale: see `guided_noise`.
+    trainable, c2w: VSD's LoRA and the views' (B, 3, 4) cameras; see `latent_sds_loss`.
+      Its LoRA loss draws t' ~ U{0..T-1} and its noise from fold_in(noise key, 1).
 
   Returns:
     (scalar loss, metrics dict of scalars); see `latent_sds_loss`.
@@ -398,7 +432,19 @@ def sds_loss(params: Params, images: Array, cond_emb: Array, uncond_emb: Array, 
   else:
     t = sds.sample_timesteps(k_t, b, t_range[0], t_range[1], guidance.num_train_timesteps)
     noise = jax.random.normal(k_noise, latents.shape, jnp.float32)
-  return latent_sds_loss(guidance, params, latents, cond_emb, uncond_emb, t, noise, guidance_scale)
+  lora_draws = {}
+  if s.method == "vsd":
+    t_count = guidance.num_train_timesteps
+
+    def draw(k):  # one image's (t', noise') for the LoRA's loss, from its own noise key
+      k_t2, k_n2 = jax.random.split(jax.random.fold_in(k, 1))
+      return (jax.random.randint(k_t2, (), 0, t_count, dtype=jnp.int32),
+              jax.random.normal(k_n2, latents.shape[1:], jnp.float32))
+
+    keys = k_noise if per_image else jax.random.split(k_noise, b)
+    lora_t, lora_noise = jax.vmap(draw)(keys)
+    lora_draws = {"trainable": trainable, "c2w": c2w, "lora_t": lora_t, "lora_noise": lora_noise}
+  return latent_sds_loss(guidance, params, latents, cond_emb, uncond_emb, t, noise, guidance_scale, **lora_draws)
 
 
 # ----------------------------------------------------------------------------- assembling a checkpoint
@@ -500,6 +546,7 @@ def settings_from_config(cfg) -> SDSSettings:
       method=str(cfg.get("method", d.method)),
       ism_delta_t=int(cfg.get("ism_delta_t", d.ism_delta_t)),
       ism_inv_steps=int(cfg.get("ism_inv_steps", d.ism_inv_steps)),
+      vsd_lora_rank=int(cfg.get("vsd_lora_rank", d.vsd_lora_rank)),
   )
 
 
