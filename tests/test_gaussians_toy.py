@@ -11,21 +11,22 @@ PROMPTS = ["a yellow cone", "a green torus"]
 
 # The same prompts as tests/test_toy_e2e.py (chosen there before any result). Each
 # comment: the untrained pool's number (step 0, seed 0; computed and checked below) and
-# one 400-step run's (seed 0, 2 CPU cores, 2026-11-25; docs/gaussians.md). Only one seed
-# was run, so the thresholds sit about half-way, not near the result.
+# one 400-step run's with the shipped prior v2 (seed 0, 2 CPU cores, 2026-11-25;
+# docs/gaussians.md). Only one seed was run, so the thresholds sit about half-way.
 # ("min", key, value): score >= value; ("max", key, value): score <= value.
 THRESHOLDS = {
     "a yellow cone": [
-        ("min", "volume_iou", 0.20),  # pool 0.003 (opacity 0.1: below the density threshold), run 0.387
-        ("min", "volume_margin", 0.10),  # pool -0.003, run +0.195
-        ("min", "silhouette_margin", 0.12),  # pool -0.436 (a ball), run +0.240
-        ("max", "color_distance", 0.35),  # pool 0.637 (grey), run 0.057
+        ("min", "volume_iou", 0.28),  # pool 0.003 (opacity 0.1: below the density threshold), run 0.555
+        ("min", "volume_margin", 0.14),  # pool -0.003, run +0.284
+        ("min", "silhouette_margin", 0.15),  # pool -0.436 (a ball), run +0.297
+        ("max", "color_distance", 0.30),  # pool 0.637 (grey), run 0.037
     ],
     "a green torus": [
-        ("min", "volume_iou", 0.20),  # pool 0.007, run 0.416
-        ("min", "volume_margin", 0.07),  # pool 0.001, run +0.139
-        ("min", "silhouette_margin", 0.08),  # pool -0.253, run +0.171
-        ("max", "color_distance", 0.35),  # pool 0.504, run 0.195
+        ("min", "volume_iou", 0.34),  # pool 0.007, run 0.687
+        ("min", "volume_margin", 0.17),  # pool 0.001, run +0.351
+        ("min", "silhouette_margin", 0.10),  # pool -0.253, run +0.205
+        ("max", "color_distance", 0.30),  # pool 0.504, run 0.114
+        ("max", "centre_opacity_above", 0.5),  # the hole: pool 0.998, run 0.000 (ground truth 0.07)
     ],
 }
 
