@@ -33,7 +33,8 @@ def _check_trained(config, workdir):
   assert rows and all(np.isfinite(r["loss"]) and r["sds_grad_norm"] > 0 and r["skipped"] == 0 for r in rows)
 
 
-@pytest.mark.parametrize("method", ["csd", "ism", "vsd"])
+# VSD trains end to end in the resume test (tiny SD) and the LoRA test (toy config) below.
+@pytest.mark.parametrize("method", ["csd", "ism"])
 def test_method_trains_on_the_tiny_sd(method, tiny_sd, tmp_path):
   config = dreamfusion.get_config("tiny")
   config.guidance.model, config.prompt, config.guidance.method = tiny_sd, "a red cube", method
@@ -42,7 +43,7 @@ def test_method_trains_on_the_tiny_sd(method, tiny_sd, tmp_path):
   _check_trained(config, str(tmp_path))
 
 
-@pytest.mark.parametrize("method", ["csd", "ism", "vsd"])
+@pytest.mark.parametrize("method", ["csd", "ism"])
 def test_method_trains_on_the_toy_config(method, tmp_path):
   config = toy.get_config("quick")
   config.guidance.method = method
@@ -72,6 +73,7 @@ def test_vsd_resume_is_bit_exact_with_the_lora_state(tiny_sd, tmp_path):
   config.train.steps, config.train.ckpt_every, config.train.eval_every = 4, 2, 4
   full, resumed = tmp_path / "full", tmp_path / "resumed"
   train.train_and_evaluate(config, str(full))
+  _check_trained(config, str(full))
   shutil.copytree(full, resumed)
   shutil.rmtree(resumed / "checkpoints" / "4")  # as if stopped after the step-2 checkpoint
   train.train_and_evaluate(config, str(resumed))
@@ -94,6 +96,7 @@ def test_vsd_lora_learns_the_renders_of_its_run(tmp_path):
   config.train.log_every = 20
   config.train.render_video = config.train.export_mesh = False
   train.train_and_evaluate(config, str(tmp_path))
+  _check_trained(config, str(tmp_path))
   parts = runs.setup_run(config)
   _, scene, params, _ = runs.restore_scene(str(tmp_path))
   params = jax.tree_util.tree_map(jax.numpy.asarray, params)
