@@ -10,19 +10,15 @@ colours), timestep annealing (here t_max 0.98 -> 0.5 linearly). Stage 2 (mesh
 texture refinement) is not ported.
 """
 
-import importlib.util
 import os
 
 import ml_collections
 
+from dreamfusion_jax import sweep
+
 
 def _load(name):
-  # By path: scripts load config files by path too, so configs/ need not be importable.
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-  spec = importlib.util.spec_from_file_location(f"_config_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return sweep.load_config_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py"))
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:

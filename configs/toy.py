@@ -13,21 +13,15 @@ docs/guidance.md; any config takes --config.guidance.method=sds|csd|ism|vsd); "v
 (--config.guidance.perp_neg=True).
 """
 
-import importlib.util
 import os
 
 import ml_collections
 
-from dreamfusion_jax import toy_prior, toy_world
+from dreamfusion_jax import sweep, toy_prior, toy_world
 
 
 def _base_config_module():
-  # By path: scripts load config files by path too, so configs/ need not be importable.
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dreamfusion.py")
-  spec = importlib.util.spec_from_file_location("_dreamfusion_base_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return sweep.load_config_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), "dreamfusion.py"))
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:

@@ -11,18 +11,15 @@ Variants: "quick" (fewer steps, for tests), "tiny" (a few steps with a small poo
 end-to-end test).
 """
 
-import importlib.util
 import os
 
 import ml_collections
 
+from dreamfusion_jax import sweep
+
 
 def _load(name):
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-  spec = importlib.util.spec_from_file_location(f"_config_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return sweep.load_config_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py"))
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:

@@ -63,17 +63,27 @@ def groups(runs: list[dict[str, str]], scene_fields: tuple[str, ...]) -> list[li
   return list(out.values())
 
 
+def load_config_module(path: str):
+  """The config file at `path` as a module, loaded by path (as --config loads it), so
+  configs/ need not be importable; config files load their base configs with it."""
+  import importlib.util
+  import os
+
+  name = "_config_" + os.path.splitext(os.path.basename(path))[0]
+  module_spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module
+
+
 def load_config_file(spec: str):
   """`path[:variant]` -> the config its get_config(variant) returns (as --config reads it)."""
-  import importlib.util
   import os
 
   path, _, variant = spec.partition(":")
   if not os.path.isfile(path):
     raise ValueError(f"--config={spec}: no such config file {path!r}")
-  module_spec = importlib.util.spec_from_file_location("_sweep_config", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
+  module = load_config_module(path)
   return module.get_config(variant) if variant else module.get_config()
 
 

@@ -285,6 +285,13 @@ def views_image(observation: dict, shape: str) -> np.ndarray:
   return images.image_grid(rows + [top])
 
 
+def threshold_failures(score: dict, thresholds) -> list[str]:
+  """The thresholds a score misses, one line each: ("min", key, value) needs
+  score[key] >= value, ("max", key, value) needs score[key] <= value."""
+  return [f"{key} = {score[key]:.3f} ({'<' if kind == 'min' else '>'} {value})" for kind, key, value in thresholds
+          if (score[key] < value if kind == "min" else score[key] > value)]
+
+
 def summary_line(score: dict) -> str:
   """One line of a score for logs and scripts/score_toy.py."""
   sil = " ".join(f"{s}={v:.3f}" for s, v in score["silhouette_iou_by_shape"].items())

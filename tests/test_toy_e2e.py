@@ -116,11 +116,6 @@ THRESHOLDS = {
 }
 
 
-def _failures(score, thresholds):
-  return [f"{key} = {score[key]:.3f} ({'<' if kind == 'min' else '>'} {value})" for kind, key, value in thresholds
-          if (score[key] < value if kind == "min" else score[key] > value)]
-
-
 @pytest.fixture(scope="module")
 def baseline():
   """The untrained start of each prompt's run scored against the prompt (the blob)."""
@@ -138,7 +133,8 @@ def text_to_3d(prior, tmp_path_factory):
 @pytest.mark.parametrize("text", PROMPTS)
 def test_the_untrained_blob_fails_every_threshold(baseline, text):
   score = baseline[text]
-  assert len(_failures(score, THRESHOLDS[text])) == len(THRESHOLDS[text]), toy_score.summary_line(score)
+  failures = toy_score.threshold_failures(score, THRESHOLDS[text])
+  assert len(failures) == len(THRESHOLDS[text]), toy_score.summary_line(score)
   if text == "a yellow cone":
     assert not score["right_color"]
 
@@ -147,7 +143,8 @@ def test_the_untrained_blob_fails_every_threshold(baseline, text):
 @pytest.mark.parametrize("text", PROMPTS)
 def test_text_to_3d_passes_every_threshold(text_to_3d, text):
   score = text_to_3d[text]
-  assert not _failures(score, THRESHOLDS[text]), (_failures(score, THRESHOLDS[text]), toy_score.summary_line(score))
+  failures = toy_score.threshold_failures(score, THRESHOLDS[text])
+  assert not failures, (failures, toy_score.summary_line(score))
   assert score["right_color"] and score["best_volume_shape"] == score["prompt_shape"], toy_score.summary_line(score)
 
 
