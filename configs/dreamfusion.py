@@ -20,6 +20,18 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   # The scene representation: "nerf" (config.field, render.py) or "gaussians" (3D
   # Gaussians, config.gaussians: see configs/dreamgaussian.py and docs/gaussians.md).
   c.representation = "nerf"
+  # Image-to-3D (configs/zero123.py): the input image (RGBA, or RGB on a plain
+  # background; square, object centred) and the view it was taken from. "" = text-to-3D.
+  # With an image, config.prompt only names the run (and the toy object it is scored
+  # against); the guidance model must be a Zero-1-to-3 checkpoint.
+  c.image = ""
+  ref = c.reference = ml_collections.ConfigDict()
+  ref.elevation_deg = 0.0
+  ref.azimuth_deg = 0.0
+  ref.radius = 1.8
+  ref.fovy_deg = 40.0
+  ref.rgb_weight = 1000.0  # the input view's colour loss (losses.reference_view_loss)
+  ref.mask_weight = 1000.0  # ... and its mask loss
 
   # The 2D prior (dreamfusion_jax.guidance).
   g = c.guidance = ml_collections.ConfigDict()

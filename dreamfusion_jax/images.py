@@ -18,6 +18,14 @@ def to_uint8(image) -> np.ndarray:
   return (np.clip(np.nan_to_num(image), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
+def premultiplied_to_rgba(rgb_over_black, opacity) -> np.ndarray:
+  """A render over black (colour x opacity) and its opacity (H, W) -> uint8 RGBA
+  (H, W, 4) with the colour un-premultiplied, as PNG stores it."""
+  rgb_over_black, opacity = np.asarray(rgb_over_black, np.float32), np.asarray(opacity, np.float32)
+  colour = rgb_over_black / np.maximum(opacity[..., None], 1e-6)
+  return np.concatenate([to_uint8(colour), to_uint8(opacity)[..., :1]], axis=-1)
+
+
 def image_grid(rows) -> np.ndarray:
   """Tiles rows of images into one picture.
 

@@ -54,3 +54,22 @@ def ramped_weight(step: Array, weight: float, warmup_steps: int) -> Array:
   if warmup_steps <= 0:
     return jnp.asarray(weight, jnp.float32)
   return weight * jnp.minimum(1.0, jnp.asarray(step, jnp.float32) / warmup_steps)
+
+
+def reference_view_loss(rgb: Array, opacity: Array, target_rgb: Array, target_mask: Array,
+                        background: Array) -> tuple[Array, Array]:
+  """Image-to-3D's supervision of the input view (Zero-1-to-3's systems in
+  threestudio and stable-dreamfusion): the render at the input's camera against the
+  input composited over the render's own background, and its opacity against the mask.
+
+  Args:
+    rgb: (H, W, 3) the render. opacity: (H, W).
+    target_rgb: (H, W, 3) the input image. target_mask: (H, W) its mask in [0, 1].
+    background: (3,) the render's background colour.
+
+  Returns:
+    (mean squared colour error, mean squared mask error), scalars.
+  """
+  m = target_mask[..., None]
+  target = target_rgb * m + background * (1.0 - m)
+  return jnp.mean((rgb - target) ** 2), jnp.mean((opacity - target_mask) ** 2)

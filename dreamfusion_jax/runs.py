@@ -64,14 +64,34 @@ def setup_run(config: ml_collections.ConfigDict, *, guidance_and_params=None) ->
 
     guidance_and_params = guidance_lib.from_config(config.guidance)
   guidance, gparams = guidance_and_params
-  embeddings = prompts_lib.make_prompt_embeddings(guidance, gparams, config.prompt, config.guidance.negative_prompt,
-                                                  config.guidance.view_dependent)
+  embeddings = make_conditioning(config, guidance, gparams)
   scene = scene_lib.build_scene(config)
   tx = state_lib.make_optimizer(config.optim, config.train.steps, state_lib.guidance_lr(config))
   state = state_lib.create_train_state(scene, tx, state_lib.init_key(config.seed),
                                        guidance.init_trainable(gparams, state_lib.guidance_init_key(config.seed)))
   return RunParts(config=config, guidance=guidance, guidance_params=gparams, embeddings=embeddings, scene=scene,
                   tx=tx, state=state, base_key=state_lib.base_key(config.seed))
+
+
+def make_conditioning(config: ml_collections.ConfigDict, guidance, gparams):
+  """What the guidance conditions on, encoded once: the prompt's embeddings per view
+  bucket, or for image-to-3D (config.image) the input image
+  (reference_image.ReferenceConditioning)."""
+  if not config.get("image"):
+    if hasattr(guidance, "encode_image"):
+      raise errors.InputError(f"config.guidance.model={config.guidance.model!r} is an image-conditioned prior "
+                              "(Zero-1-to-3): pass the input image, --config.image=PATH")
+    return prompts_lib.make_prompt_embeddings(guidance, gparams, config.prompt, config.guidance.negative_prompt,
+                                              config.guidance.view_dependent)
+  from dreamfusion_jax import reference_image  # pylint: disable=g-import-not-at-top
+
+  if not hasattr(guidance, "encode_image"):
+    raise errors.InputError(f"--config.image needs an image-conditioned prior (Zero-1-to-3): "
+                            f"config.guidance.model={config.guidance.model!r} is a text-to-image model")
+  r = config.reference
+  return reference_image.image_conditioning(guidance, gparams, config.image,
+                                            camera=(r.elevation_deg, r.azimuth_deg, r.radius),
+                                            render_size=(config.render.height, config.render.width))
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -99,6 +119,9 @@ def upgrade_config(saved: dict) -> dict:
   if saved.get("guidance", {}).pop("latent_mode", False):
     raise errors.InputError("this run used guidance.latent_mode, which no longer exists")
   saved.setdefault("representation", "nerf")  # runs written before the switch are NeRFs
+  saved.setdefault("image", "")  # and before image-to-3D, text-to-3D
+  saved.setdefault("reference", {"elevation_deg": 0.0, "azimuth_deg": 0.0, "radius": 1.8, "fovy_deg": 40.0,
+                                 "rgb_weight": 1000.0, "mask_weight": 1000.0})
   for (section, name), value in _ADDED_FIELDS.items():
     if section in saved:
       saved[section].setdefault(name, value)

@@ -62,6 +62,29 @@ def run_config(config: ml_collections.ConfigDict, prompt: str, seed: int) -> ml_
   return c
 
 
+INPUT_IMAGE = "input.png"  # an image-to-3D run's input view, in its run directory
+INPUT_IMAGE_SIZE = 128
+
+
+def is_image_config(config: ml_collections.ConfigDict) -> bool:
+  """Whether `config` is image-to-3D: its guidance model is a Zero-1-to-3 directory."""
+  from dreamfusion_jax.guidance import pipeline_dir  # pylint: disable=g-import-not-at-top
+
+  try:
+    return pipeline_dir.is_zero123(pipeline_dir.resolve_model_dir(config.guidance.model))
+  except pipeline_dir.ModelNotFoundError:
+    return False
+
+
+def write_input_image(config: ml_collections.ConfigDict, path: str) -> None:
+  """The toy object of config.prompt seen from config.reference (albedo, RGBA): the
+  input of an image-to-3D run, as scripts/toy_image.py renders it."""
+  r = config.reference
+  rgb, opacity = toy_world.render_view(config.prompt, elevation_deg=r.elevation_deg, azimuth_deg=r.azimuth_deg,
+                                       radius=r.radius, fovy_deg=r.fovy_deg, size=INPUT_IMAGE_SIZE)
+  images.save_png(path, images.premultiplied_to_rgba(rgb, opacity))
+
+
 def config_fingerprint(config: ml_collections.ConfigDict) -> str:
   return hashlib.sha256(config.to_json_best_effort(sort_keys=True).encode()).hexdigest()[:16]
 
@@ -99,6 +122,10 @@ def run_one(config: ml_collections.ConfigDict, workdir: str, prompt: str, seed: 
   run_dir = os.path.join(workdir, run_name(prompt, seed))
   result_path = os.path.join(run_dir, RESULT_FILE)
   fingerprint = config_fingerprint(cfg)
+  if is_image_config(cfg):  # image-to-3D: the input is the toy object seen from config.reference
+    cfg.image = os.path.join(run_dir, INPUT_IMAGE)
+    if not os.path.exists(cfg.image):
+      write_input_image(cfg, cfg.image)
   if os.path.exists(result_path):
     with open(result_path) as f:
       row = json.load(f)

@@ -38,6 +38,7 @@ Array = jax.Array
 PRIOR_DIR = pathlib.Path(__file__).parent / "assets" / "toy_prior"
 IMAGE_SIZE = 32
 TRAINING_STATE = "training_state.json"  # how far the shipped weights were trained
+CAMERA_FIELDS = ("elevation_deg", "azimuth_deg", "radius")  # recorded per training image
 MAX_LENGTH = 32  # tokens: "a yellow sphere, overhead view" is 30 characters + BOS/EOS
 
 UNET_CONFIG = {
@@ -142,7 +143,9 @@ def render_dataset(seed: int, per_object: int, *, chunk: int = 64) -> dict:
 
   Returns:
     numpy dict: "images" (N, S, S, 3) uint8, "object" (N,) int32 index into
-    toy_world.all_prompts(), "bucket" (N,) int32 view bucket.
+    toy_world.all_prompts() (object-major: object k's views are rows
+    [k per_object, (k + 1) per_object)), "bucket" (N,) int32 view bucket, and the
+    cameras' CAMERA_FIELDS (N,) float32.
   """
   objects = toy_world.all_prompts()
   shape_idx = np.repeat([toy_world.SHAPES.index(s) for _, s, _ in objects], per_object).astype(np.int32)
@@ -150,17 +153,18 @@ def render_dataset(seed: int, per_object: int, *, chunk: int = 64) -> dict:
   object_idx = np.repeat(np.arange(len(objects)), per_object).astype(np.int32)
   render_fn = jax.jit(lambda k, s, c: toy_world.render_objects(k, s, c, size=IMAGE_SIZE))
   key = jax.random.PRNGKey(seed)
-  images, buckets = [], []
   n = len(object_idx)
   pad = -n % chunk
   s_all, c_all = np.pad(shape_idx, (0, pad)), np.pad(color_idx, (0, pad))
+  fields = ("image", "bucket") + CAMERA_FIELDS
+  out = {name: [] for name in fields}
   for start in range(0, n + pad, chunk):
-    out = render_fn(jax.random.fold_in(key, start), s_all[start:start + chunk], c_all[start:start + chunk])
-    images.append(np.asarray(out["image"]))
-    buckets.append(np.asarray(out["bucket"]))
-  images = np.concatenate(images)[:n]
-  return {"images": np.round(np.clip(images, 0, 1) * 255).astype(np.uint8), "object": object_idx,
-          "bucket": np.concatenate(buckets)[:n].astype(np.int32)}
+    views = render_fn(jax.random.fold_in(key, start), s_all[start:start + chunk], c_all[start:start + chunk])
+    for name in fields:
+      out[name].append(np.asarray(views[name]))
+  out = {name: np.concatenate(v)[:n] for name, v in out.items()}
+  return {"images": np.round(np.clip(out.pop("image"), 0, 1) * 255).astype(np.uint8), "object": object_idx,
+          "bucket": out.pop("bucket").astype(np.int32), **{k: v.astype(np.float32) for k, v in out.items()}}
 
 
 def dataset_signature(seed: int, per_object: int) -> str:
@@ -329,25 +333,11 @@ def save_sample_grid(guidance, params, path: str, *, seed: int = 0, per_prompt: 
   return samples
 
 
-def train_prior(workdir: str, *, steps: int, batch_size: int = 32, per_object: int = 256, lr: float = 5e-4,
-                warmup_steps: int = 200, seed: int = 0, log_every: int = 50, ckpt_every: int = 250,
-                export_every: int = 500, out_dir: str | os.PathLike = PRIOR_DIR,
-                warm_start: str | os.PathLike | None = None, export_only: bool = False) -> PriorState:
-  """Trains (or resumes) the prior in `workdir`; exports EMA weights to `out_dir`.
-
-  Batches are a function of (seed, step) only, so a run resumed from its checkpoint
-  is the same run. Without a checkpoint, `warm_start` (a prior directory, e.g. the
-  shipped one) initialises the weights and the step count from its
-  training_state.json, with fresh Adam moments: training continues on a machine that
-  has only the committed weights (not bit-exact, since the optimiser state is lost).
-  `export_only` writes the latest checkpoint's EMA weights to `out_dir` and returns.
-  """
+def load_dataset(work: pathlib.Path, seed: int, per_object: int) -> dict:
+  """`work`/dataset.npz, rendered (render_dataset) on first use; refuses one rendered
+  for another signature (dataset_signature), whose checkpoints belong to other data."""
   import time
 
-  from dreamfusion_jax import checkpoints
-
-  work = pathlib.Path(workdir)
-  work.mkdir(parents=True, exist_ok=True)
   data_path = work / "dataset.npz"
   signature = dataset_signature(seed, per_object)
   if not data_path.exists():
@@ -361,64 +351,24 @@ def train_prior(workdir: str, *, steps: int, batch_size: int = 32, per_object: i
   if found != signature:
     raise errors.InputError(f"{data_path} was rendered for {found}, not {signature}: "
                            "use a new --workdir (its checkpoints belong to that data)")
+  return data
 
-  init_dir = work / "init"
-  if not init_dir.exists():
-    write_prior_dir(init_dir, init_params(seed))
-  guidance, gparams = load(init_dir)
-  table = prompt_table(guidance.tokenizer)
-  tx = make_optimizer(lr, warmup_steps)
-  params = {"unet": gparams["unet"], "text_encoder": gparams["text_encoder"]}
-  # The EMA starts as a copy: params and ema_params are donated, so they must not share buffers.
-  state = PriorState(step=jnp.zeros((), jnp.int32), params=params,
-                     ema_params=jax.tree_util.tree_map(jnp.copy, params), opt_state=tx.init(params))
-  checkpointer = checkpoints.Checkpointer(str(work / "checkpoints"), max_to_keep=2)
-  if checkpointer.latest_step() is not None:
-    state = checkpointer.restore(state)
-    print(f"resumed the prior at step {int(state.step)}", flush=True)
-  elif warm_start is not None:
-    _, warm = load(warm_start)
-    warm = {"unet": warm["unet"], "text_encoder": warm["text_encoder"]}
-    step0 = json.loads((pathlib.Path(warm_start) / TRAINING_STATE).read_text())["step"]
-    state = PriorState(step=jnp.asarray(step0, jnp.int32), params=warm,
-                       ema_params=jax.tree_util.tree_map(jnp.copy, warm), opt_state=tx.init(warm))
-    print(f"warm-started the prior from {warm_start} at step {step0} (fresh optimiser state)", flush=True)
 
-  step_fn = jax.jit(make_train_step(guidance, tx), donate_argnums=(0,))
-  abar = gparams["alphas_cumprod"]
-  table_ids, empty_ids = jnp.asarray(table.ids), jnp.asarray(table.empty)
-  images_all, objects_all, buckets_all = (jnp.asarray(data["images"]), jnp.asarray(data["object"]),
-                                          jnp.asarray(data["bucket"]))
-  key = jax.random.PRNGKey(seed)
+def run_training(work: pathlib.Path, state: PriorState, step_fn, batch_fn, *, steps: int, checkpointer, export,
+                 log_every: int, ckpt_every: int, export_every: int) -> PriorState:
+  """The loop of a prior's training, from state.step to `steps`: state, loss =
+  step_fn(state, *batch_fn(step)); logs to metrics.jsonl, checkpoints, calls
+  export(state) every export_every steps, at a stop signal (then returns: rerun to
+  resume) and at the end."""
+  import time
 
-  gap_images, gap_objects = gap_subset(data)
-
-  def export(state):
-    ema = jax.device_get(state.ema_params)
-    gaps = conditioning_gaps(guidance, {**gparams, **ema}, gap_images, gap_objects)
-    out = write_prior_dir(out_dir, ema,
-                          {"step": int(state.step), "target_steps": steps, "batch_size": batch_size,
-                           "per_object": per_object, "lr": lr, "seed": seed,
-                           "views": dataclasses.asdict(toy_world.ViewDistribution()),
-                           "conditioning_gaps": {k: round(gaps[k], 5) for k in ("shape", "color", "text")}})
-    sample_guidance, sample_params = load(out)
-    save_sample_grid(sample_guidance, sample_params, str(work / f"samples_{int(state.step):06d}.png"))
-    print(f"exported the EMA weights at step {int(state.step)} to {out}; conditioning gaps "
-          f"shape {gaps['shape']:.4f} colour {gaps['color']:.4f} text {gaps['text']:.4f}", flush=True)
-
-  if export_only:
-    export(state)
-    checkpointer.close()
-    return state
+  from dreamfusion_jax import checkpoints
 
   log = open(work / "metrics.jsonl", "a")
-  start = int(state.step)
   t_last, losses = time.time(), []
   with checkpoints.StopRequest() as stop:
-    for step in range(start, steps):
-      idx = np.random.default_rng([seed, step]).integers(0, len(data["object"]), batch_size)
-      state, loss = step_fn(state, abar, table_ids, empty_ids, images_all[idx], objects_all[idx],
-                            buckets_all[idx], key)
+    for step in range(int(state.step), steps):
+      state, loss = step_fn(state, *batch_fn(step))
       losses.append(loss)
       done = step + 1
       if done % log_every == 0:
@@ -443,3 +393,88 @@ def train_prior(workdir: str, *, steps: int, batch_size: int = 32, per_object: i
   checkpointer.close()
   log.close()
   return state
+
+
+def start_state(params: dict, tx, checkpointer, *, warm_start_params: dict | None = None,
+                warm_start_step: int = 0) -> PriorState:
+  """Step 0 from `params`, the checkpoint in `checkpointer` if any (bit-exact
+  resume), else warm_start_params at warm_start_step with fresh Adam moments."""
+  if checkpointer.latest_step() is None and warm_start_params is not None:
+    params = warm_start_params
+  # The EMA starts as a copy: params and ema_params are donated, so they must not share buffers.
+  state = PriorState(step=jnp.zeros((), jnp.int32), params=params,
+                     ema_params=jax.tree_util.tree_map(jnp.copy, params), opt_state=tx.init(params))
+  if checkpointer.latest_step() is not None:
+    state = checkpointer.restore(state)
+    print(f"resumed the prior at step {int(state.step)}", flush=True)
+  elif warm_start_params is not None:
+    state = state.replace(step=jnp.asarray(warm_start_step, jnp.int32))
+    print(f"warm-started the prior at step {warm_start_step} (fresh optimiser state)", flush=True)
+  return state
+
+
+def train_prior(workdir: str, *, steps: int, batch_size: int = 32, per_object: int = 256, lr: float = 5e-4,
+                warmup_steps: int = 200, seed: int = 0, log_every: int = 50, ckpt_every: int = 250,
+                export_every: int = 500, out_dir: str | os.PathLike = PRIOR_DIR,
+                warm_start: str | os.PathLike | None = None, export_only: bool = False) -> PriorState:
+  """Trains (or resumes) the prior in `workdir`; exports EMA weights to `out_dir`.
+
+  Batches are a function of (seed, step) only, so a run resumed from its checkpoint
+  is the same run. Without a checkpoint, `warm_start` (a prior directory, e.g. the
+  shipped one) initialises the weights and the step count from its
+  training_state.json, with fresh Adam moments: training continues on a machine that
+  has only the committed weights (not bit-exact, since the optimiser state is lost).
+  `export_only` writes the latest checkpoint's EMA weights to `out_dir` and returns.
+  """
+  from dreamfusion_jax import checkpoints
+
+  work = pathlib.Path(workdir)
+  work.mkdir(parents=True, exist_ok=True)
+  data = load_dataset(work, seed, per_object)
+  init_dir = work / "init"
+  if not init_dir.exists():
+    write_prior_dir(init_dir, init_params(seed))
+  guidance, gparams = load(init_dir)
+  table = prompt_table(guidance.tokenizer)
+  tx = make_optimizer(lr, warmup_steps)
+  checkpointer = checkpoints.Checkpointer(str(work / "checkpoints"), max_to_keep=2)
+  warm, step0 = None, 0
+  if warm_start is not None:
+    _, warm = load(warm_start)
+    warm = {"unet": warm["unet"], "text_encoder": warm["text_encoder"]}
+    step0 = json.loads((pathlib.Path(warm_start) / TRAINING_STATE).read_text())["step"]
+  state = start_state({"unet": gparams["unet"], "text_encoder": gparams["text_encoder"]}, tx, checkpointer,
+                      warm_start_params=warm, warm_start_step=step0)
+
+  step_fn = jax.jit(make_train_step(guidance, tx), donate_argnums=(0,))
+  abar = gparams["alphas_cumprod"]
+  table_ids, empty_ids = jnp.asarray(table.ids), jnp.asarray(table.empty)
+  images_all, objects_all, buckets_all = (jnp.asarray(data["images"]), jnp.asarray(data["object"]),
+                                          jnp.asarray(data["bucket"]))
+  key = jax.random.PRNGKey(seed)
+  gap_images, gap_objects = gap_subset(data)
+
+  def export(state):
+    ema = jax.device_get(state.ema_params)
+    gaps = conditioning_gaps(guidance, {**gparams, **ema}, gap_images, gap_objects)
+    out = write_prior_dir(out_dir, ema,
+                          {"step": int(state.step), "target_steps": steps, "batch_size": batch_size,
+                           "per_object": per_object, "lr": lr, "seed": seed,
+                           "views": dataclasses.asdict(toy_world.ViewDistribution()),
+                           "conditioning_gaps": {k: round(gaps[k], 5) for k in ("shape", "color", "text")}})
+    sample_guidance, sample_params = load(out)
+    save_sample_grid(sample_guidance, sample_params, str(work / f"samples_{int(state.step):06d}.png"))
+    print(f"exported the EMA weights at step {int(state.step)} to {out}; conditioning gaps "
+          f"shape {gaps['shape']:.4f} colour {gaps['color']:.4f} text {gaps['text']:.4f}", flush=True)
+
+  if export_only:
+    export(state)
+    checkpointer.close()
+    return state
+
+  def batch(step):
+    idx = np.random.default_rng([seed, step]).integers(0, len(data["object"]), batch_size)
+    return abar, table_ids, empty_ids, images_all[idx], objects_all[idx], buckets_all[idx], key
+
+  return run_training(work, state, step_fn, batch, steps=steps, checkpointer=checkpointer, export=export,
+                      log_every=log_every, ckpt_every=ckpt_every, export_every=export_every)

@@ -158,7 +158,7 @@ def render_objects(
 
   Returns:
     dict of "image" (B, size, size, 3) in [0, 1], "opacity" (B, size, size),
-    "bucket" (B,) view bucket, "azimuth_deg" and "elevation_deg" (B,).
+    "bucket" (B,) view bucket, "azimuth_deg", "elevation_deg" and "radius" (B,).
   """
   b = shape_index.shape[0]
   k_cam, k_light, k_shade, k_bg, k_jitter = jax.random.split(key, 5)
@@ -181,7 +181,32 @@ def render_objects(
                                  shape_index, color_index)
   return {"image": image, "opacity": opacity,
           "bucket": cameras_lib.view_bucket(cams.azimuth_deg, cams.elevation_deg),
-          "azimuth_deg": cams.azimuth_deg, "elevation_deg": cams.elevation_deg}
+          "azimuth_deg": cams.azimuth_deg, "elevation_deg": cams.elevation_deg, "radius": cams.radius}
+
+
+def render_view(prompt_text: str, *, elevation_deg: float, azimuth_deg: float, radius: float, fovy_deg: float,
+                size: int, shading: str = "albedo", num_samples: int = 128) -> tuple[np.ndarray, np.ndarray]:
+  """One view of the object a prompt names ("a red cube"), as an image-to-3D input.
+
+  Returns:
+    rgb (size, size, 3) over black and opacity (size, size), float32 numpy in [0, 1]
+    (RGBA: rgb / opacity where opacity > 0 is the object's colour).
+  """
+  shape, color = parse_prompt(prompt_text)
+  if shading not in render.SHADING_MODES:
+    raise ValueError(f"shading={shading!r}; known: {tuple(render.SHADING_MODES)}")
+  cams = cameras_lib.orbit_cameras(1, elevation_deg=elevation_deg, radius=radius, fovy_deg=fovy_deg,
+                                   start_azimuth_deg=azimuth_deg)
+  origins, directions = cameras_lib.generate_rays(cams, size, size)
+  field_fn = object_field(SHAPES.index(shape), jnp.asarray(COLORS[color], jnp.float32))
+  views = ViewDistribution()
+  # The light sits at the camera (a headlight) for lambertian shading.
+  out = render.render_rays(field_fn, origins.reshape(-1, 3), directions.reshape(-1, 3), key=None,
+                           deterministic=True, num_samples=num_samples, light_positions=cams.positions[0],
+                           shading=render.SHADING_MODES.index(shading), ambient=views.ambient, diffuse=views.diffuse,
+                           background=jnp.zeros((size * size, 3)))
+  return (np.asarray(out.rgb).reshape(size, size, 3).astype(np.float32),
+          np.asarray(out.opacity).reshape(size, size).astype(np.float32))
 
 
 def closest_color(rgb: Sequence[float]) -> str:

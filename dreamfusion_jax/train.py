@@ -25,7 +25,7 @@ import numpy as np
 import optax
 
 from dreamfusion_jax import cameras as cameras_lib
-from dreamfusion_jax import checkpoints, distributed, errors, fields, losses, render, runs
+from dreamfusion_jax import checkpoints, distributed, errors, fields, losses, reference_image, render, runs
 from dreamfusion_jax.guidance import prompts as prompts_lib
 from dreamfusion_jax.guidance import sds as sds_lib
 from dreamfusion_jax import scene as scene_lib
@@ -60,6 +60,10 @@ class StepSettings:
   t_max_end: float
   t_anneal_steps: int
   perp_neg: bool = False
+  # Image-to-3D (config.image set): the input view's camera (elevation_deg,
+  # azimuth_deg, radius, fovy_deg) and the weights of its colour and mask losses.
+  reference_camera: Optional[tuple] = None
+  reference_weights: tuple = (0.0, 0.0)
 
   @property
   def global_batch_size(self) -> int:
@@ -85,7 +89,43 @@ class StepSettings:
         orientation=(lo.orientation_weight, lo.orientation_warmup_steps),
         opacity=(lo.opacity_weight, lo.opacity_warmup_steps), entropy=(lo.entropy_weight, lo.entropy_warmup_steps),
         t_min=g.t_min, t_max=g.t_max, t_max_end=g.t_max_end, t_anneal_steps=g.t_anneal_steps,
-        perp_neg=bool(g.get("perp_neg", False)))
+        perp_neg=bool(g.get("perp_neg", False)), **_reference_settings(config))
+
+
+def _reference_settings(config: ml_collections.ConfigDict) -> dict:
+  if not config.get("image"):
+    return {}
+  r = config.reference
+  return {"reference_camera": (r.elevation_deg, r.azimuth_deg, r.radius, r.fovy_deg),
+          "reference_weights": (r.rgb_weight, r.mask_weight)}
+
+
+def select_conditioning(guidance, conditioning, cams: cameras_lib.Cameras, buckets: Array,
+                        perp_neg: bool) -> tuple[Any, Any]:
+  """The guidance's per-view conditioning: the prompt's embeddings per view bucket
+  (prompts.select_conditioning), or for image-to-3D the input image and each view's
+  camera relative to it (Zero123Guidance.select_conditioning)."""
+  if isinstance(conditioning, reference_image.ReferenceConditioning):
+    return guidance.select_conditioning(conditioning.guidance, cams, buckets, perp_neg)
+  return prompts_lib.select_conditioning(conditioning, buckets, cams.azimuth_deg, perp_neg)
+
+
+def reference_view_losses(scene, params: dict, reference: reference_image.ReferenceConditioning, key: Array, *,
+                          settings: StepSettings, level_mask: Optional[Array]) -> dict:
+  """Renders the input image's view (albedo, a random solid background) and returns
+  {"reference_rgb", "reference_mask"} (losses.reference_view_loss)."""
+  elevation, azimuth, radius, fovy = settings.reference_camera
+  cam = cameras_lib.orbit_cameras(1, elevation_deg=elevation, radius=radius, fovy_deg=fovy,
+                                  start_azimuth_deg=azimuth)
+  k_bg, k_render = jax.random.split(key)
+  background = jax.random.uniform(k_bg, (1, 3))
+  out = scene_lib.render_views(scene, params, cam, height=settings.height, width=settings.width,
+                               keys=jax.random.split(k_render, 1), light_positions=cam.positions,
+                               shading=jnp.full((1,), render.ALBEDO, jnp.int32), solid_background=background,
+                               use_solid_background=jnp.ones((1,), bool), level_mask=level_mask)
+  rgb_loss, mask_loss = losses.reference_view_loss(out["rgb"][0], out["opacity"][0], reference.rgb, reference.mask,
+                                                   background[0])
+  return {"reference_rgb": rgb_loss, "reference_mask": mask_loss}
 
 
 def _device_slice(tree, offset: Array, size: int):
@@ -170,7 +210,7 @@ def train_step(
   buckets = cameras_lib.view_bucket(cams.azimuth_deg, cams.elevation_deg, **dict(settings.bucket_kwargs))
   t_range = jnp.stack([jnp.asarray(settings.t_min, jnp.float32),
                        _anneal(step, settings.t_max, settings.t_max_end, settings.t_anneal_steps)])
-  cond, uncond = prompts_lib.select_conditioning(prompt_embeddings, buckets, cams.azimuth_deg, settings.perp_neg)
+  cond, uncond = select_conditioning(guidance, prompt_embeddings, cams, buckets, settings.perp_neg)
   level_mask = scene.level_mask(step)
   values = scene_values or {}
   weights = {name: losses.ramped_weight(step, values.get(name, getattr(settings, name)[0]), getattr(settings, name)[1])
@@ -196,6 +236,12 @@ def train_step(
                     "opacity": jnp.mean(out["opacity_sparsity"]),
                     "entropy": jnp.mean(out["opacity_entropy"])}
     total = guidance_loss + sum(weights[k] * regularizers[k] for k in regularizers)
+    if settings.reference_camera is not None:  # image-to-3D: the input view itself
+      reference = reference_view_losses(scene, params, prompt_embeddings,
+                                        jax.random.fold_in(jax.random.fold_in(base_key, step), 2),
+                                        settings=settings, level_mask=level_mask)
+      total = total + sum(w * reference[k] for w, k in zip(settings.reference_weights, reference))
+      regularizers.update(reference)
     metrics = {"loss": total, "guidance_loss": guidance_loss, **{f"reg_{k}": v for k, v in regularizers.items()},
                **guidance_metrics, "mean_opacity": jnp.mean(out["opacity"]),
                **{k: jnp.mean(v) for k, v in out.get("metrics", {}).items()}}
@@ -248,7 +294,22 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       problems.append(message)
 
   r, t, g, c = config.render, config.train, config.guidance, config.cameras
-  check(bool(str(config.prompt).strip()), "config.prompt is empty: say what to make, e.g. --config.prompt='a hamburger'")
+  image = config.get("image", "")
+  check(bool(str(config.prompt).strip()) or bool(image),
+        "config.prompt is empty: say what to make, e.g. --config.prompt='a hamburger'")
+  if image:
+    ref = config.reference
+    check(os.path.isfile(image), f"config.image={image!r}: no such file")
+    check(ref.rgb_weight >= 0 and ref.mask_weight >= 0, f"config.reference.rgb_weight and mask_weight must be >= 0, "
+          f"got {ref.rgb_weight}, {ref.mask_weight}")
+    check(ref.radius > 0, f"config.reference.radius must be > 0, got {ref.radius}")
+    check(0 < ref.fovy_deg < 180, f"config.reference.fovy_deg must lie inside (0, 180), got {ref.fovy_deg}")
+    check(-90 <= ref.elevation_deg <= 90, f"config.reference.elevation_deg must lie in [-90, 90], got "
+          f"{ref.elevation_deg}")
+    check(config.guidance.method == "sds", f"config.guidance.method={config.guidance.method!r}: image-to-3D "
+          "(Zero-1-to-3) implements sds only")
+    check(not config.guidance.perp_neg, "config.guidance.perp_neg needs a text prompt's views; image-to-3D conditions "
+          "on the camera itself")
   for name in ("height", "width", "num_samples"):
     check(r[name] > 0, f"config.render.{name} must be > 0, got {r[name]}")
   check(r.num_importance_samples >= 0, f"config.render.num_importance_samples must be >= 0, got {r.num_importance_samples}")

@@ -51,8 +51,19 @@ _LAYOUT = {
     "tokenizer": (("vocab.json", "merges.txt"), ()),
     "scheduler": (("scheduler_config.json",), ()),
 }
-_HUB_PATTERNS = ["model_index.json", "*/config.json", "scheduler/*", "tokenizer/*",
-                 "*/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"]
+# Zero-1-to-3 (guidance/zero123.py): the UNet takes the noisy latents and the input
+# image's latents (8 channels), the CLIP image encoder with its projection, and the
+# `cc_projection` Linear from image embedding + camera to the cross-attention width.
+ZERO123_LAYOUT = {
+    "unet": (("config.json",), DIFFUSERS_WEIGHTS),
+    "vae": (("config.json",), DIFFUSERS_WEIGHTS),
+    "image_encoder": (("config.json",), TRANSFORMERS_WEIGHTS),
+    "cc_projection": (("config.json",), DIFFUSERS_WEIGHTS),
+    "scheduler": (("scheduler_config.json",), ()),
+}
+_HUB_PATTERNS = ["model_index.json", "*/config.json", "scheduler/*", "tokenizer/*", "feature_extractor/*",
+                 "*/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors",
+                 "image_encoder/model.safetensors"]
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -90,10 +101,15 @@ def is_pixel_space(root: pathlib.Path) -> bool:
   return index.is_file() and "vae" not in read_json(index)
 
 
-def _missing_files(root: pathlib.Path) -> list[str]:
+def is_zero123(root: pathlib.Path) -> bool:
+  """A Zero-1-to-3 directory (an image encoder and cc_projection, no text encoder)."""
+  return (root / "cc_projection").is_dir()
+
+
+def _missing_files(root: pathlib.Path, layout: Mapping[str, tuple]) -> list[str]:
   missing = []
   pixel_space = is_pixel_space(root)
-  for folder, (required, weights) in _LAYOUT.items():
+  for folder, (required, weights) in layout.items():
     if folder == "vae" and pixel_space:
       continue
     for name in required:
@@ -106,7 +122,8 @@ def _missing_files(root: pathlib.Path) -> list[str]:
 
 def resolve_model_dir(model: str, *, local_files_only: bool = True,
                       cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
-  """The local directory of a checkpoint given as a directory or a hub id.
+  """The local directory of a checkpoint given as a directory or a hub id, Stable
+  Diffusion's layout or Zero-1-to-3's (ZERO123_LAYOUT, told by its cc_projection/).
 
   A hub id is looked up in the Hugging Face cache only (`local_files_only`), so an
   offline machine fails at once instead of waiting on the network.
@@ -132,7 +149,7 @@ def resolve_model_dir(model: str, *, local_files_only: bool = True,
       where = "the local Hugging Face cache" if local_files_only else "the hub"
       raise _not_found(model, f"it is not a local directory and not in {where} "
                        f"({type(e).__name__})") from None
-  missing = _missing_files(root)
+  missing = _missing_files(root, ZERO123_LAYOUT if is_zero123(root) else _LAYOUT)
   if missing:
     raise _not_found(model, f"{root} lacks " + ", ".join(missing))
   return root
@@ -183,9 +200,29 @@ def load_params(folder: pathlib.Path, candidates: Sequence[str], shapes: Params,
   return _to_dtype(params, dtype)
 
 
-def _write_json(path: pathlib.Path, obj: Mapping) -> None:
+def write_json(path: pathlib.Path, obj: Mapping) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(json.dumps(obj, indent=2, sort_keys=True))
+
+
+def _class_prefix(fmt: str) -> str:
+  if fmt not in ("flax", "safetensors"):
+    raise ValueError(f"fmt={fmt!r}; known: 'flax', 'safetensors'")
+  return "Flax" if fmt == "flax" else ""
+
+
+def write_component(folder: pathlib.Path, config: Mapping, params: Mapping, weight_files: Sequence[str], *,
+                    fmt: str) -> None:
+  """One component's config.json and weights: weight_files[0] (Flax msgpack) for
+  fmt "flax", weight_files[1] (PyTorch names and layouts, safetensors) otherwise."""
+  _class_prefix(fmt)
+  write_json(folder / "config.json", config)
+  tree = jax.tree.map(np.asarray, dict(params))
+  if fmt == "flax":
+    (folder / weight_files[0]).write_bytes(flax.serialization.to_bytes(tree))
+  else:
+    safetensors.numpy.save_file(weight_conversion.flax_to_pytorch(tree), str(folder / weight_files[1]),
+                                metadata={"format": "pt"})
 
 
 def write_pipeline_dir(path: str | os.PathLike, params: Mapping[str, Mapping], *, fmt: str,
@@ -208,11 +245,8 @@ def write_pipeline_dir(path: str | os.PathLike, params: Mapping[str, Mapping], *
   Returns:
     The directory.
   """
-  if fmt not in ("flax", "safetensors"):
-    raise ValueError(f"fmt={fmt!r}; known: 'flax', 'safetensors'")
   root = pathlib.Path(path)
-  prefix = "Flax" if fmt == "flax" else ""
-  weight_index = 0 if fmt == "flax" else 1
+  prefix = _class_prefix(fmt)
   components = {
       "unet": ({"_class_name": f"{prefix}UNet2DConditionModel", **unet_config}, DIFFUSERS_WEIGHTS),
       "text_encoder": (dict(text_encoder_config), TRANSFORMERS_WEIGHTS),
@@ -220,16 +254,9 @@ def write_pipeline_dir(path: str | os.PathLike, params: Mapping[str, Mapping], *
   if vae_config is not None:
     components["vae"] = ({"_class_name": f"{prefix}AutoencoderKL", **vae_config}, DIFFUSERS_WEIGHTS)
   for name, (config, weight_files) in components.items():
-    folder = root / name
-    _write_json(folder / "config.json", config)
-    tree = jax.tree.map(np.asarray, dict(params[name]))
-    file = folder / weight_files[weight_index]
-    if fmt == "flax":
-      file.write_bytes(flax.serialization.to_bytes(tree))
-    else:
-      safetensors.numpy.save_file(weight_conversion.flax_to_pytorch(tree), str(file), metadata={"format": "pt"})
+    write_component(root / name, config, params[name], weight_files, fmt=fmt)
   char_tokenizer.write_tokenizer(root / "tokenizer", max_length=max_length)
-  _write_json(root / "scheduler" / "scheduler_config.json", scheduler_config)
+  write_json(root / "scheduler" / "scheduler_config.json", scheduler_config)
   index = {
       "_class_name": f"{prefix}StableDiffusionPipeline",
       "unet": ["diffusers", f"{prefix}UNet2DConditionModel"],
@@ -240,5 +267,5 @@ def write_pipeline_dir(path: str | os.PathLike, params: Mapping[str, Mapping], *
   }
   if vae_config is None:
     del index["vae"]
-  _write_json(root / "model_index.json", index)
+  write_json(root / "model_index.json", index)
   return root

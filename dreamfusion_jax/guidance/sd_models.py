@@ -53,7 +53,8 @@ with warnings.catch_warnings():
   warnings.simplefilter("ignore", DeprecationWarning)
   _silence_flax_deprecations()
   from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel  # pylint: disable=g-import-not-at-top
-  from transformers import CLIPTextConfig, CLIPTokenizer, FlaxCLIPTextModel  # pylint: disable=g-import-not-at-top
+  from transformers import (CLIPTextConfig, CLIPTokenizer, CLIPVisionConfig,  # pylint: disable=g-import-not-at-top
+                            FlaxCLIPTextModel, FlaxCLIPVisionModel)
 
 
 def _flax_fields(cls, config: Mapping[str, Any]) -> dict[str, Any]:
@@ -96,6 +97,19 @@ def text_encoder_from_config(config: Mapping[str, Any], dtype=jnp.float32) -> tu
   cfg = CLIPTextConfig.from_dict({k: v for k, v in config.items() if not k.startswith("_")})
   model = FlaxCLIPTextModel(cfg, dtype=dtype, _do_init=False)
   return model, jax.eval_shape(lambda k: model.init_weights(k, (1, 1)), jax.random.PRNGKey(0))
+
+
+def image_encoder_from_config(config: Mapping[str, Any], dtype=jnp.float32) -> tuple[FlaxCLIPVisionModel, Params]:
+  """CLIPVisionModelWithProjection's halves: the Flax CLIP vision tower of a
+  transformers config and the param shapes {"vision_model", "visual_projection":
+  {"kernel": (hidden, projection_dim)}} (transformers has no Flax class with the
+  projection; the projection is a bias-free Linear on the pooled output)."""
+  cfg = CLIPVisionConfig.from_dict({k: v for k, v in config.items() if not k.startswith("_")})
+  model = FlaxCLIPVisionModel(cfg, dtype=dtype, _do_init=False)
+  shapes = dict(jax.eval_shape(lambda k: model.init_weights(k, (1, cfg.image_size, cfg.image_size, 3)),
+                               jax.random.PRNGKey(0)))
+  shapes["visual_projection"] = {"kernel": jax.ShapeDtypeStruct((cfg.hidden_size, cfg.projection_dim), jnp.float32)}
+  return model, shapes
 
 
 def load_tokenizer(folder: str | os.PathLike) -> CLIPTokenizer:

@@ -91,6 +91,42 @@ def sample_timesteps(key: Array, batch_size: int, t_min: Array, t_max: Array,
   return jax.random.randint(key, (batch_size,), lo, jnp.maximum(hi, lo) + 1, dtype=jnp.int32)
 
 
+def split_draw_keys(key: Array) -> tuple[Array, Array, Array]:
+  """(t key, noise key, posterior key) of one key, or of (B, 2) per-image keys (each
+  then (B, 2)), so that an image's draws do not depend on the batch it is in."""
+  if jnp.ndim(key) == 2:
+    k_t, k_noise, k_posterior = jnp.moveaxis(jax.vmap(lambda k: jax.random.split(k, 3))(key), 1, 0)
+    return k_t, k_noise, k_posterior
+  k_t, k_noise, k_posterior = jax.random.split(key, 3)
+  return k_t, k_noise, k_posterior
+
+
+def sample_timesteps_and_noise(k_t: Array, k_noise: Array, shape: tuple, t_range: Array,
+                               num_train_timesteps: int) -> tuple[Array, Array]:
+  """SDS's draws for B latents of `shape` (B, ...): t ~ U[t_min, t_max] T (B,) int32
+  and eps ~ N(0, I) float32, from one key each or from (B, 2) per-image keys (each
+  image's draws then depend only on its own key: splitting a batch across devices
+  changes nothing)."""
+  if jnp.ndim(k_t) == 2:
+    t = jax.vmap(lambda k: sample_timesteps(k, 1, t_range[0], t_range[1], num_train_timesteps)[0])(k_t)
+    noise = jax.vmap(lambda k: jax.random.normal(k, shape[1:], jnp.float32))(k_noise)
+    return t, noise
+  return (sample_timesteps(k_t, shape[0], t_range[0], t_range[1], num_train_timesteps),
+          jax.random.normal(k_noise, shape, jnp.float32))
+
+
+def loss_metrics(loss: Array, t: Array, grad: Array, weight: Array, num_train_timesteps: int) -> dict[str, Array]:
+  """The SDS family's logged scalars: "sds_loss", "timestep" (mean t as a fraction of
+  T), "sds_grad_norm" (mean per-image L2 norm of the latent gradient (B, ...)),
+  "sds_weight" (mean w(t))."""
+  return {
+      "sds_loss": loss,
+      "timestep": jnp.mean(t.astype(jnp.float32)) / num_train_timesteps,
+      "sds_grad_norm": jnp.mean(jnp.sqrt(jnp.sum(grad.reshape(grad.shape[0], -1) ** 2, axis=-1))),
+      "sds_weight": jnp.mean(weight),
+  }
+
+
 def _per_sample(x: Array, ndim: int) -> Array:
   """(B,) -> (B, 1, ..., 1) with `ndim` dimensions in all, to scale (B, ...) arrays."""
   return x.reshape(x.shape + (1,) * (ndim - x.ndim))

@@ -55,7 +55,7 @@ import numpy as np
 
 from dreamfusion_jax.guidance import sds
 from dreamfusion_jax.guidance.pipeline_dir import (DEFAULT_MODEL, DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS,
-                                                   ModelNotFoundError, is_pixel_space, load_params, read_json,
+                                                   ModelNotFoundError, is_pixel_space, is_zero123, load_params, read_json,
                                                    resolve_model_dir)
 from dreamfusion_jax.guidance.prompts import PromptEmbeddings, make_prompt_embeddings, select_embeddings
 from dreamfusion_jax.guidance.sd_models import (DTYPES, CLIPTokenizer, FlaxAutoencoderKL, FlaxCLIPTextModel,
@@ -370,12 +370,7 @@ def latent_sds_loss(guidance: StableDiffusionGuidance, params: Params, latents: 
   weight = sds.sds_weight(abar, t, s.weighting)
   grad = sds.weighted_gradient(residual, weight, s.grad_clip)
   loss = sds.sds_surrogate_loss(latents, grad)
-  metrics = {
-      "sds_loss": loss,
-      "timestep": jnp.mean(t.astype(jnp.float32)) / guidance.num_train_timesteps,
-      "sds_grad_norm": jnp.mean(jnp.sqrt(jnp.sum(grad.reshape(grad.shape[0], -1) ** 2, axis=-1))),
-      "sds_weight": jnp.mean(weight),
-  }
+  metrics = sds.loss_metrics(loss, t, grad, weight, guidance.num_train_timesteps)
   if s.method == "vsd":
     from dreamfusion_jax.guidance import vsd  # pylint: disable=g-import-not-at-top
 
@@ -418,20 +413,10 @@ def sds_loss(params: Params, images: Array, cond_emb: Array, uncond_emb: Array, 
   if t_range is None:
     t_range = jnp.array([s.t_min, s.t_max], jnp.float32)
   per_image = jnp.ndim(key) == 2
-  if per_image:
-    k_t, k_noise, k_posterior = jnp.moveaxis(jax.vmap(lambda k: jax.random.split(k, 3))(key), 1, 0)
-  else:
-    k_t, k_noise, k_posterior = jax.random.split(key, 3)
+  k_t, k_noise, k_posterior = sds.split_draw_keys(key)
   latents = encode_images(guidance, params["vae"], images, k_posterior)
   b = latents.shape[0]
-  if per_image:
-    # Each image's t and noise depend only on its own key, not on the batch it is in:
-    # splitting a batch across devices then changes nothing.
-    t = jax.vmap(lambda k: sds.sample_timesteps(k, 1, t_range[0], t_range[1], guidance.num_train_timesteps)[0])(k_t)
-    noise = jax.vmap(lambda k: jax.random.normal(k, latents.shape[1:], jnp.float32))(k_noise)
-  else:
-    t = sds.sample_timesteps(k_t, b, t_range[0], t_range[1], guidance.num_train_timesteps)
-    noise = jax.random.normal(k_noise, latents.shape, jnp.float32)
+  t, noise = sds.sample_timesteps_and_noise(k_t, k_noise, latents.shape, t_range, guidance.num_train_timesteps)
   lora_draws = {}
   if s.method == "vsd":
     t_count = guidance.num_train_timesteps
@@ -451,7 +436,7 @@ def sds_loss(params: Params, images: Array, cond_emb: Array, uncond_emb: Array, 
 # (its files: pipeline_dir.py; its Flax modules: sd_models.py)
 
 
-def _check_sizes(settings: SDSSettings, unet_config: Mapping[str, Any], vae_downsample: int) -> None:
+def check_sizes(settings: SDSSettings, unet_config: Mapping[str, Any], vae_downsample: int) -> None:
   unet_downsample = 2 ** (len(unet_config.get("block_out_channels", (0,) * 4)) - 1)
   if settings.image_size % (vae_downsample * unet_downsample):
     raise ValueError(f"guidance.image_size={settings.image_size} must be a multiple of "
@@ -501,7 +486,7 @@ def load_stable_diffusion(
                  "scaling_factor": 1.0} if pixel_space else read_json(root / "vae" / "config.json"))
   scheduler = read_json(root / "scheduler" / "scheduler_config.json")
   vae_downsample = 2 ** (len(vae_config.get("block_out_channels", (64,))) - 1)
-  _check_sizes(settings, unet_config, vae_downsample)
+  check_sizes(settings, unet_config, vae_downsample)
   prediction_type = scheduler.get("prediction_type", "epsilon")
   if prediction_type not in ("epsilon", "v_prediction"):
     raise ValueError(f"{root}/scheduler: prediction_type {prediction_type!r} is not supported")
@@ -550,10 +535,17 @@ def settings_from_config(cfg) -> SDSSettings:
   )
 
 
-def from_config(cfg, **kwargs) -> tuple[StableDiffusionGuidance, dict[str, Any]]:
+def from_config(cfg, **kwargs) -> tuple[Any, dict[str, Any]]:
   """load_stable_diffusion with the fields of `config.guidance` (see the module
-  docstring); kwargs (cache_dir, device, local_files_only) pass through."""
+  docstring); kwargs (cache_dir, device, local_files_only) pass through. A
+  Zero-1-to-3 directory (its cc_projection/) loads as guidance/zero123.py's guidance."""
   settings = settings_from_config(cfg)  # validate the settings before touching files
+  root = resolve_model_dir(cfg.get("model", DEFAULT_MODEL), local_files_only=kwargs.get("local_files_only", True),
+                           cache_dir=kwargs.get("cache_dir"))
+  if is_zero123(root):
+    from dreamfusion_jax.guidance import zero123  # pylint: disable=g-import-not-at-top
+
+    return zero123.from_config(cfg, **kwargs)
   return load_stable_diffusion(cfg.get("model", DEFAULT_MODEL), dtype=cfg.get("dtype", "float32"),
                                settings=settings, **kwargs)
 

@@ -1,0 +1,37 @@
+"""Image-to-3D with the embedded view-conditioned toy prior: CPU, minutes, no download.
+
+  python scripts/toy_image.py --prompt="a red cube" --elevation=20 --azimuth=30 --out=cube.png
+  python scripts/train.py --config=configs/toy_zero123.py --config.image=cube.png \
+      --config.reference.elevation_deg=20 --config.reference.azimuth_deg=30 --workdir=runs/cube_from_image
+
+configs/toy.py (the toy world's cameras, shading, field and sparsity) with the
+embedded Zero-1-to-3-style prior (dreamfusion_jax/assets/toy_zero123, trained by
+`scripts/train_prior.py --kind=zero123`) in place of the text prior, and the input
+view's colour and mask losses (configs/zero123.py explains the fields). The input
+view defaults to scripts/toy_image.py's (elevation 15, azimuth 0, radius 1.7, fovy
+45). config.prompt only names the run and the toy object it is scored against.
+
+Variants: "quick" (fewer steps, for tests).
+"""
+
+import os
+
+import ml_collections
+
+from dreamfusion_jax import sweep, toy_zero123
+
+
+def get_config(variant: str = "") -> ml_collections.ConfigDict:
+  toy_variant = "quick" if variant == "quick" else ""
+  if variant not in ("", "quick"):
+    raise ValueError(f"unknown variant {variant!r} of configs/toy_zero123.py; known: quick")
+  c = sweep.load_config_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy.py")).get_config(
+      toy_variant)
+  g = c.guidance
+  g.model = str(toy_zero123.PRIOR_DIR)
+  g.guidance_scale = toy_zero123.GUIDANCE_SCALE
+  g.view_dependent = False
+  ref = c.reference
+  ref.elevation_deg, ref.azimuth_deg, ref.radius, ref.fovy_deg = 15.0, 0.0, 1.7, 45.0
+  ref.rgb_weight = ref.mask_weight = 1000.0
+  return c

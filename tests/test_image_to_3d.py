@@ -1,0 +1,142 @@
+"""Image-to-3D's system (issue 18): the input image's reading and masking, the
+reference-view loss against closed forms, the toy input renders, the view-conditioned
+toy prior's training step, and bad input to scripts/train.py with --config.image."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from dreamfusion_jax import errors, losses, reference_image, toy_prior, toy_score, toy_world, toy_zero123
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_reference_view_loss_closed_form():
+  rgb = jnp.full((4, 4, 3), 0.5)
+  opacity = jnp.full((4, 4), 0.25)
+  target = jnp.zeros((4, 4, 3)).at[:2].set(1.0)
+  mask = jnp.zeros((4, 4)).at[:2].set(1.0)
+  background = jnp.array([0.0, 0.0, 1.0])
+  rgb_loss, mask_loss = losses.reference_view_loss(rgb, opacity, target, mask, background)
+  # Top half: target white, error 0.5 in every channel. Bottom half: the background
+  # (0, 0, 1): errors 0.5, 0.5, 0.5. Every squared error is 0.25.
+  assert float(rgb_loss) == pytest.approx(0.25)
+  # Mask: (0.25 - 1)^2 on half the pixels, 0.25^2 on the other half.
+  assert float(mask_loss) == pytest.approx(0.5 * 0.75**2 + 0.5 * 0.25**2)
+
+
+def test_rgba_alpha_is_the_mask_and_rgb_background_is_masked(tmp_path):
+  rgba = np.zeros((8, 8, 4), np.uint8)
+  rgba[2:6, 3:5] = (200, 10, 10, 255)
+  Image.fromarray(rgba).save(tmp_path / "a.png")
+  rgb, mask = reference_image.read_image(tmp_path / "a.png")
+  np.testing.assert_array_equal(mask, rgba[..., 3] / 255.0)
+  # The same object on a plain grey background, as RGB.
+  plain = np.full((8, 8, 3), 128, np.uint8)
+  plain[2:6, 3:5] = (200, 10, 10)
+  Image.fromarray(plain).save(tmp_path / "b.png")
+  rgb, mask = reference_image.read_image(tmp_path / "b.png")
+  np.testing.assert_array_equal(mask, (rgba[..., 3] > 0).astype(np.float32))
+  np.testing.assert_allclose(rgb[3, 3], np.array([200, 10, 10]) / 255.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda p: Image.fromarray(np.zeros((8, 6, 3), np.uint8)).save(p), "is 6x8: the input must be square"),
+    (lambda p: Image.fromarray(np.full((8, 8, 3), 90, np.uint8)).save(p), "no object found"),
+    (lambda p: open(p, "w").write("not an image"), "is not a readable image"),
+])
+def test_bad_images_are_named(tmp_path, make, message):
+  path = str(tmp_path / "in.png")
+  make(path)
+  with pytest.raises(errors.InputError, match=message):
+    reference_image.read_image(path)
+
+
+def test_toy_input_view_matches_the_scoring_renders():
+  # The input of a toy image-to-3D run is the toy world's own render: its silhouette
+  # from (15, 0) equals the ground truth's that toy_score compares against.
+  _, opacity = toy_world.render_view("a yellow cone", elevation_deg=15.0, azimuth_deg=0.0,
+                                     radius=toy_score.CAMERA_RADIUS, fovy_deg=toy_score.FOVY_DEG,
+                                     size=toy_score.VIEW_SIZE)
+  truth = toy_score.ground_truth("cone")["opacity"][toy_score.SILHOUETTE_ELEVATIONS_DEG.index(15.0)
+                                                   * toy_score.VIEWS_PER_ELEVATION]
+  assert toy_score.mask_iou(opacity > 0.5, truth > 0.5) > 0.98
+  other = toy_score.ground_truth("sphere")["opacity"][toy_score.SILHOUETTE_ELEVATIONS_DEG.index(15.0)
+                                                     * toy_score.VIEWS_PER_ELEVATION]
+  assert toy_score.mask_iou(opacity > 0.5, other > 0.5) < 0.9
+
+
+def test_toy_image_script_writes_rgba_and_rejects_bad_views(tmp_path):
+  out = tmp_path / "torus.png"
+  cmd = [sys.executable, "scripts/toy_image.py", "--prompt=a green torus", "--elevation=90", "--size=64",
+         f"--out={out}"]
+  result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr
+  rgba = np.asarray(Image.open(out))
+  assert rgba.shape == (64, 64, 4)
+  assert toy_score.centre_opacity(rgba[..., 3] / 255.0) < 0.5  # the hole, seen from above
+  assert rgba[..., 3].max() == 255
+  assert toy_world.closest_color(rgba[rgba[..., 3] > 250][:, :3].mean(0) / 255.0) == "green"
+  bad = subprocess.run(cmd[:2] + ["--prompt=a purple cube", "--elevation=95", f"--out={tmp_path / 'x.png'}"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert bad.returncode != 0
+  assert "--prompt" in bad.stderr and "--elevation=95.0 must lie in [-90, 90]" in bad.stderr
+  assert not (tmp_path / "x.png").exists()
+
+
+def test_pairs_are_views_of_one_object():
+  rng = np.random.default_rng(0)
+  src, dst = toy_zero123.sample_pairs(rng, 16 * 8, 8, 256)
+  np.testing.assert_array_equal(src // 8, dst // 8)
+  assert len(np.unique(src // 8)) == 16 and not np.all(src == dst)
+
+
+@pytest.fixture(scope="module")
+def tiny_data():
+  data = toy_prior.render_dataset(seed=3, per_object=2)
+  assert set(toy_prior.CAMERA_FIELDS) <= set(data)
+  return data
+
+
+def test_training_pairs_carry_the_relative_camera(tiny_data):
+  src, dst = np.array([0, 2]), np.array([1, 3])
+  cam = toy_zero123.pair_cameras(tiny_data, src, dst)
+  el, az, r = (tiny_data[f] for f in toy_prior.CAMERA_FIELDS)
+  np.testing.assert_allclose(cam[:, 0], np.deg2rad(el[src] - el[dst]), atol=1e-6)
+  np.testing.assert_allclose(cam[:, 1], np.sin(np.deg2rad(az[dst] - az[src])), atol=1e-6)
+  np.testing.assert_allclose(cam[:, 3], r[dst] - r[src], atol=1e-6)
+
+
+def test_prior_training_step_learns_a_fixed_batch(tmp_path, tiny_data):
+  # A few Adam steps on one batch of pairs must lower its denoising loss: the
+  # gradient reaches the UNet, the image encoder and cc_projection.
+  toy_zero123.write_prior_dir(tmp_path / "init", toy_zero123.init_params(0))
+  guidance, gparams = toy_zero123.load(tmp_path / "init")
+  params = {k: gparams[k] for k in ("unet", "image_encoder", "cc_projection")}
+  tx = toy_prior.make_optimizer(1e-3, 0)
+  state = toy_prior.PriorState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
+                               opt_state=tx.init(params))
+  src, dst = np.arange(0, 32, 2), np.arange(1, 32, 2)
+  images = jnp.asarray(tiny_data["images"])
+  camera = jnp.asarray(toy_zero123.pair_cameras(tiny_data, src, dst))
+  abar = gparams["alphas_cumprod"]
+  step = jax.jit(toy_zero123.make_train_step(guidance, tx, uncond_prob=0.0))
+  for _ in range(8):  # each step draws its own t and noise (fold_in(key, step))
+    state, _ = step(state, abar, images[src], images[dst], camera, jax.random.PRNGKey(0))
+  x = lambda idx: images[idx].astype(jnp.float32) / 127.5 - 1.0
+  t = jnp.full((16,), 300, jnp.int32)
+  noise = jax.random.normal(jax.random.PRNGKey(5), (16, 32, 32, 3))
+  ones = jnp.ones((16,))
+  before = toy_zero123.denoising_loss(guidance, {**gparams}, abar, x(src), x(dst), camera, ones, t, noise)
+  after = toy_zero123.denoising_loss(guidance, {**gparams, **state.params}, abar, x(src), x(dst), camera, ones, t,
+                                     noise)
+  assert float(after) < 0.8 * float(before)
+  changed = jax.tree_util.tree_map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), params, state.params)
+  assert changed["image_encoder"]["visual_projection"]["kernel"]
+  assert changed["cc_projection"]["projection"]["kernel"]
