@@ -40,6 +40,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   g.negative_prompt = ""
   g.view_dependent = True  # append ", front view" etc. by camera azimuth/elevation
   g.guidance_scale = 100.0
+  g.weight = 1.0  # the SDS loss's weight in the total (threestudio's lambda_sds); 0: no prior at all
   g.t_min = 0.02  # fraction of the diffusion's training timesteps
   g.t_max = 0.98
   g.t_max_end = 0.98  # t_max anneals linearly to this over t_anneal_steps (0: off)

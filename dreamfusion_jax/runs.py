@@ -109,7 +109,8 @@ _RENAMED_BLOB_KINDS = {"linear": "magic3d", "gaussian": "dreamfusion"}
 _ADDED_FIELDS = {("field", "progressive_start_step"): 0, ("train", "mesh_target_faces"): 0,
                  ("guidance", "sample_posterior"): False, ("guidance", "method"): "sds",
                  ("guidance", "ism_delta_t"): 50, ("guidance", "ism_inv_steps"): 5, ("guidance", "perp_neg"): False,
-                 ("guidance", "vsd_lora_rank"): 4, ("guidance", "vsd_lr"): 1e-4}
+                 ("guidance", "vsd_lora_rank"): 4, ("guidance", "vsd_lr"): 1e-4,
+                 ("guidance", "weight"): 1.0}
 
 
 def upgrade_config(saved: dict) -> dict:

@@ -60,6 +60,7 @@ class StepSettings:
   t_max_end: float
   t_anneal_steps: int
   perp_neg: bool = False
+  guidance_weight: float = 1.0
   # Image-to-3D (config.image set): the input view's camera (elevation_deg,
   # azimuth_deg, radius, fovy_deg) and the weights of its colour and mask losses.
   reference_camera: Optional[tuple] = None
@@ -89,7 +90,8 @@ class StepSettings:
         orientation=(lo.orientation_weight, lo.orientation_warmup_steps),
         opacity=(lo.opacity_weight, lo.opacity_warmup_steps), entropy=(lo.entropy_weight, lo.entropy_warmup_steps),
         t_min=g.t_min, t_max=g.t_max, t_max_end=g.t_max_end, t_anneal_steps=g.t_anneal_steps,
-        perp_neg=bool(g.get("perp_neg", False)), **_reference_settings(config))
+        perp_neg=bool(g.get("perp_neg", False)), guidance_weight=float(g.get("weight", 1.0)),
+        **_reference_settings(config))
 
 
 def _reference_settings(config: ml_collections.ConfigDict) -> dict:
@@ -235,7 +237,7 @@ def train_step(
     regularizers = {"orientation": jnp.mean(out["orientation"]),
                     "opacity": jnp.mean(out["opacity_sparsity"]),
                     "entropy": jnp.mean(out["opacity_entropy"])}
-    total = guidance_loss + sum(weights[k] * regularizers[k] for k in regularizers)
+    total = settings.guidance_weight * guidance_loss + sum(weights[k] * regularizers[k] for k in regularizers)
     if settings.reference_camera is not None:  # image-to-3D: the input view itself
       reference = reference_view_losses(scene, params, prompt_embeddings,
                                         jax.random.fold_in(jax.random.fold_in(base_key, step), 2),
@@ -323,6 +325,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         f"got t_min={g.t_min}, t_max={g.t_max}")
   check(g.t_min < g.t_max_end <= 1.0, f"config.guidance.t_max_end must be in (t_min, 1], got {g.t_max_end}")
   check(g.guidance_scale >= 0, f"config.guidance.guidance_scale must be >= 0, got {g.guidance_scale}")
+  check(g.get("weight", 1.0) >= 0, f"config.guidance.weight must be >= 0, got {g.get('weight')}")
   check(g.method in sds_lib.METHODS,
         f"config.guidance.method must be one of {', '.join(sds_lib.METHODS)}, got {g.method!r}")
   check(g.weighting in sds_lib.WEIGHTINGS,
