@@ -17,11 +17,9 @@ Training: scripts/train_prior.py --kind=zero123, resumable like the text prior's
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import pathlib
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -276,23 +274,17 @@ def train_prior(workdir: str, *, steps: int, batch_size: int = 32, per_object: i
     ema = {**gparams, **jax.device_get(state.ema_params)}
     gaps = conditioning_gaps(guidance, ema, gap_data)
     out = write_prior_dir(out_dir, trainable(ema),
-                          {"step": int(state.step), "target_steps": steps, "batch_size": batch_size,
-                           "per_object": per_object, "lr": lr, "seed": seed,
-                           "views": dataclasses.asdict(toy_world.ViewDistribution()),
-                           "conditioning_gaps": {k: round(gaps[k], 5) for k in ("camera", "image", "total")}})
+                          toy_prior.training_record(state, gaps, target_steps=steps, batch_size=batch_size,
+                                                    per_object=per_object, lr=lr, seed=seed))
     sample_guidance, sample_params = load(out)
     save_sample_grid(sample_guidance, sample_params, gap_data, str(work / f"samples_{int(state.step):06d}.png"))
     print(f"exported the EMA weights at step {int(state.step)} to {out}; conditioning gaps "
           f"camera {gaps['camera']:.4f} image {gaps['image']:.4f} total {gaps['total']:.4f}", flush=True)
-
-  if export_only:
-    export(state)
-    checkpointer.close()
-    return state
 
   def batch(step):
     src, dst = sample_pairs(np.random.default_rng([seed, step]), len(data["object"]), per_object, batch_size)
     return images_all[src], images_all[dst], jnp.asarray(pair_cameras(data, src, dst)), key
 
   return toy_prior.run_training(work, state, step_fn, batch, steps=steps, checkpointer=checkpointer, export=export,
-                                log_every=log_every, ckpt_every=ckpt_every, export_every=export_every)
+                                log_every=log_every, ckpt_every=ckpt_every, export_every=export_every,
+                                export_only=export_only)

@@ -7,7 +7,6 @@ the 3D scores of toy_score.py. A missing or unfinished prior fails these tests; 
 never skips them.
 """
 
-import json
 import os
 import subprocess
 import sys
@@ -24,27 +23,9 @@ from dreamfusion_jax import runs, toy_benchmark, toy_prior, toy_score, toy_world
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _unfinished_prior_reason():
-  """Why the shipped weights cannot be judged, or None.
-
-  An unfinished or missing prior fails these tests (it never skips them): a retrained
-  prior committed half-way must not turn the outcome tests off while CI stays green.
-  """
-  state_file = toy_prior.PRIOR_DIR / toy_prior.TRAINING_STATE
-  if not (toy_prior.PRIOR_DIR / "model_index.json").exists():
-    return f"the toy prior is missing from {toy_prior.PRIOR_DIR}"
-  if not state_file.exists():
-    return f"{state_file} is missing: cannot tell whether the shipped prior finished training"
-  state = json.loads(state_file.read_text())
-  if state.get("step", 0) < state.get("target_steps", float("inf")):
-    return (f"the shipped toy prior is unfinished: step {state.get('step')} of {state.get('target_steps')} in "
-            f"{state_file}; finish training it (scripts/train_prior.py) before judging its outcome")
-  return None
-
-
 @pytest.fixture(scope="module")
 def prior():
-  reason = _unfinished_prior_reason()
+  reason = toy_prior.unfinished_reason(toy_prior.PRIOR_DIR, "toy prior")
   if reason is not None:
     pytest.fail(reason)
   return toy_prior.load()

@@ -8,12 +8,11 @@ issue names and no training image has (the prior's views are continuous random
 draws). A missing or unfinished prior fails these tests; it never skips them.
 """
 
-import json
 
 import pytest
 
 from configs import toy_zero123 as toy_zero123_config
-from dreamfusion_jax import toy_benchmark, toy_score, toy_zero123
+from dreamfusion_jax import toy_benchmark, toy_prior, toy_score, toy_zero123
 
 PROMPT = "a blue cube"
 VIEW = {"elevation_deg": 30.0, "azimuth_deg": 40.0}
@@ -36,22 +35,9 @@ def config():
   return c
 
 
-def _unfinished_prior_reason():
-  state_file = toy_zero123.PRIOR_DIR / toy_zero123.TRAINING_STATE
-  if not (toy_zero123.PRIOR_DIR / "model_index.json").exists():
-    return f"the view-conditioned toy prior is missing from {toy_zero123.PRIOR_DIR}"
-  if not state_file.exists():
-    return f"{state_file} is missing: cannot tell whether the shipped prior finished training"
-  state = json.loads(state_file.read_text())
-  if state.get("step", 0) < state.get("target_steps", float("inf")):
-    return (f"the shipped view-conditioned prior is unfinished: step {state.get('step')} of "
-            f"{state.get('target_steps')} in {state_file}")
-  return None
-
-
 @pytest.fixture(scope="module")
 def prior():
-  reason = _unfinished_prior_reason()
+  reason = toy_prior.unfinished_reason(toy_zero123.PRIOR_DIR, "view-conditioned toy prior")
   if reason is not None:
     pytest.fail(reason)
   return toy_zero123.load()

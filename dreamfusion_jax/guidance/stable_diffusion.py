@@ -228,9 +228,18 @@ def predict_noise(guidance: StableDiffusionGuidance, params: Params, noisy_laten
   Returns:
     (N, h, w, C) float32.
   """
-  x = jnp.transpose(noisy_latents, (0, 3, 1, 2)).astype(guidance.dtype)  # the UNet takes NCHW
+  return unet_epsilon(guidance, params, noisy_latents, noisy_latents, t, text_emb)
+
+
+def unet_epsilon(guidance, params: Params, unet_input: Array, noisy_latents: Array, t: Array,
+                 context: Array) -> Array:
+  """eps from the UNet run on `unet_input` (N, h, w, C') (the noisy latents, or
+  Zero-1-to-3's noisy latents beside the input image's), cross-attending to `context`
+  (N, L, D); a v prediction is converted with `noisy_latents` (N, h, w, C).
+  Returns (N, h, w, C) float32."""
+  x = jnp.transpose(unet_input, (0, 3, 1, 2)).astype(guidance.dtype)  # the UNet takes NCHW
   t = jnp.asarray(t, jnp.int32)  # diffusers wraps anything but a jax array into a 2-d array
-  out = guidance.unet.apply({"params": params["unet"]}, x, t, text_emb.astype(guidance.dtype)).sample
+  out = guidance.unet.apply({"params": params["unet"]}, x, t, context.astype(guidance.dtype)).sample
   out = jnp.transpose(out, (0, 2, 3, 1)).astype(jnp.float32)
   if guidance.prediction_type == "v_prediction":
     out = sds.epsilon_from_v(params["alphas_cumprod"], out, noisy_latents.astype(jnp.float32), t)

@@ -189,13 +189,7 @@ def predict_noise(guidance: Zero123Guidance, params: Params, noisy_latents: Arra
     (N, h, w, C) float32 (converted from v for v-prediction models).
   """
   x = jnp.concatenate([noisy_latents, latents_in.astype(noisy_latents.dtype)], axis=-1)
-  x = jnp.transpose(x, (0, 3, 1, 2)).astype(guidance.dtype)
-  t = jnp.asarray(t, jnp.int32)
-  out = guidance.unet.apply({"params": params["unet"]}, x, t, ctx.astype(guidance.dtype)).sample
-  out = jnp.transpose(out, (0, 2, 3, 1)).astype(jnp.float32)
-  if guidance.prediction_type == "v_prediction":
-    out = sds.epsilon_from_v(params["alphas_cumprod"], out, noisy_latents.astype(jnp.float32), t)
-  return out
+  return sd.unet_epsilon(guidance, params, x, noisy_latents, t, ctx)
 
 
 def noise_pair(guidance: Zero123Guidance, params: Params, noisy_latents: Array, t: Array,
