@@ -120,9 +120,9 @@ def upgrade_config(saved: dict) -> dict:
   if saved.get("guidance", {}).pop("latent_mode", False):
     raise errors.InputError("this run used guidance.latent_mode, which no longer exists")
   saved.setdefault("representation", "nerf")  # runs written before the switch are NeRFs
-  saved.setdefault("image", "")  # and before image-to-3D, text-to-3D
-  saved.setdefault("reference", {"elevation_deg": 0.0, "azimuth_deg": 0.0, "radius": 1.8, "fovy_deg": 40.0,
-                                 "rgb_weight": 1000.0, "mask_weight": 1000.0})
+  # Runs written before image-to-3D are text-to-3D; config.reference is read only when
+  # config.image is set, so they need none (its defaults live in configs/dreamfusion.py).
+  saved.setdefault("image", "")
   for (section, name), value in _ADDED_FIELDS.items():
     if section in saved:
       saved[section].setdefault(name, value)
