@@ -1,8 +1,9 @@
 """The toy benchmark: a config run over toy prompts x seeds, scored in 3D, in tables.
 
 Each run trains in `<workdir>/<prompt>_seed<k>/` (scripts/train.py's layout) and, once
-scored, leaves `toy_score.json` there (and `toy_score_views.png`, the views scored); a run with that file is skipped, an unfinished one
-resumes from its checkpoints. The untrained start of each seed (the density blob the
+scored, leaves `toy_score.json` there (and `toy_score_views.png`, the views scored); a run with that file is skipped
+(or, when it was scored by an older `toy_score.VERSION`, scored again from its
+checkpoint without training), an unfinished one resumes from its checkpoints. The untrained start of each seed (the density blob the
 optimisation begins from) is scored against every prompt too: the baseline every
 threshold is set against. `format_markdown` and the JSON result hold per-run rows, the
 baseline rows and the summary (mean and min of each score; how many runs beat every
@@ -41,6 +42,8 @@ SCORE_COLUMNS = (
     ("silhouette_margin", "sil margin"),
     ("volume_iou", "vol IoU"),
     ("volume_margin", "vol margin"),
+    ("volume_iou_any_yaw", "vol IoU any yaw"),
+    ("volume_margin_any_yaw", "vol margin any yaw"),
     ("centre_opacity_above", "top centre opacity"),
     ("color_distance", "colour dist"),
 )
@@ -113,7 +116,7 @@ def run_one(config: ml_collections.ConfigDict, workdir: str, prompt: str, seed: 
   Returns:
     `toy_score.score_arrays`'s dict plus "seed", "step", "train_wall_s" (seconds of
     training in the process that finished it), "resumed" (it continued an earlier
-    process's checkpoints) and "config_fingerprint".
+    process's checkpoints), "config_fingerprint" and "yardstick_version".
 
   Raises:
     WorkdirError: the run directory holds a scored run of another config.
@@ -132,8 +135,13 @@ def run_one(config: ml_collections.ConfigDict, workdir: str, prompt: str, seed: 
     if row.get("config_fingerprint") != fingerprint:
       raise WorkdirError(f"{run_dir} holds a run of another config (fingerprint {row.get('config_fingerprint')}, "
                        f"this config's is {fingerprint}): pass another --workdir")
-    log(f"{run_dir}: scored already, skipped")
-    return row
+    if row.get("yardstick_version", 1) == toy_score.VERSION:
+      log(f"{run_dir}: scored already, skipped")
+      return row
+    log(f"{run_dir}: scored by yardstick version {row.get('yardstick_version', 1)}, scoring again with "
+        f"version {toy_score.VERSION}")
+    return score_run(run_dir, prompt, {k: row[k] for k in ("seed", "train_wall_s", "resumed", "config_fingerprint")},
+                     log=log)
   if train_fn is None:
     from dreamfusion_jax import train  # the training loop only when something is trained
 
@@ -144,13 +152,19 @@ def run_one(config: ml_collections.ConfigDict, workdir: str, prompt: str, seed: 
   start = time.perf_counter()
   train_fn(cfg, run_dir)
   wall_s = time.perf_counter() - start
+  return score_run(run_dir, prompt, {"seed": seed, "train_wall_s": wall_s, "resumed": resumed,
+                                     "config_fingerprint": fingerprint}, log=log)
+
+
+def score_run(run_dir: str, prompt: str, record: dict, *, log: Callable[[str], None] = print) -> dict:
+  """Scores the trained run in run_dir (its last checkpoint) against `prompt`; writes
+  its views image and its row (the scores, `record`, "step", "yardstick_version")."""
   _, scene, params, step = runs.restore_scene(run_dir)
   observation = toy_score.observe_scene(scene, params, level_mask=scene.level_mask(step))
   score = toy_score.score_arrays(prompt, **observation)
   images.save_png(os.path.join(run_dir, VIEWS_FILE), toy_score.views_image(observation, score["prompt_shape"]))
-  row = {**score, "seed": seed, "step": step, "train_wall_s": wall_s, "resumed": resumed,
-         "config_fingerprint": fingerprint}
-  files.write_text(result_path, json.dumps(row, indent=1))
+  row = {**score, **record, "step": step, "yardstick_version": toy_score.VERSION}
+  files.write_text(os.path.join(run_dir, RESULT_FILE), json.dumps(row, indent=1))
   log(toy_score.summary_line(score))
   return row
 
@@ -176,6 +190,8 @@ def summarise(rows: Sequence[dict]) -> dict:
   out.update({
       "own_shape_best_volume": sum(r["volume_margin"] > 0 for r in rows),
       "volume_margin_at_least": sum(r["volume_margin"] >= toy_score.MARGIN for r in rows),
+      "own_shape_best_volume_any_yaw": sum(r["volume_margin_any_yaw"] > 0 for r in rows),
+      "volume_margin_any_yaw_at_least": sum(r["volume_margin_any_yaw"] >= toy_score.MARGIN for r in rows),
       "silhouette_margin_at_least": sum(r["silhouette_margin"] >= toy_score.MARGIN for r in rows),
       "right_color": sum(bool(r["right_color"]) for r in rows),
       "torus_runs": len(torus),
@@ -233,17 +249,18 @@ def _wall(row: dict) -> str:
 
 def run_table(rows: Sequence[dict], label: str) -> list[str]:
   """Markdown lines: one row per run (label "run" or "baseline")."""
-  header = ["row", "prompt", "seed", *(title for _, title in SCORE_COLUMNS), "best vol shape", "colour",
-            "train wall s"]
-  body = [[label, r["prompt"], r["seed"], *(r[k] for k, _ in SCORE_COLUMNS), r["best_volume_shape"], r["color"],
-           _wall(r)] for r in rows]
+  header = ["row", "prompt", "seed", *(title for _, title in SCORE_COLUMNS), "best vol shape",
+            "best vol shape any yaw", "colour", "train wall s"]
+  body = [[label, r["prompt"], r["seed"], *(r[k] for k, _ in SCORE_COLUMNS), r["best_volume_shape"],
+           r["best_volume_shape_any_yaw"], r["color"], _wall(r)] for r in rows]
   return _markdown(header, body)
 
 
 def summary_table(summary: dict) -> list[str]:
   """Markdown lines: mean and min of each score and the counts, for the runs and the baseline."""
   header = ["rows", "n", *(f"{title} {stat}" for _, title in SCORE_COLUMNS for stat in ("mean", "min")),
-            "own shape best (vol)", f"vol margin >= {toy_score.MARGIN:g}", f"sil margin >= {toy_score.MARGIN:g}",
+            "own shape best (vol)", f"vol margin >= {toy_score.MARGIN:g}", "own shape best (vol any yaw)",
+            f"vol margin any yaw >= {toy_score.MARGIN:g}", f"sil margin >= {toy_score.MARGIN:g}",
             "right colour", "torus with hole"]
   body = []
   for name in ("runs", "baseline"):
@@ -253,6 +270,7 @@ def summary_table(summary: dict) -> list[str]:
     n = s["num_runs"]
     body.append([name, n, *(s[f"{k}_{stat}"] for k, _ in SCORE_COLUMNS for stat in ("mean", "min")),
                  f"{s['own_shape_best_volume']}/{n}", f"{s['volume_margin_at_least']}/{n}",
+                 f"{s['own_shape_best_volume_any_yaw']}/{n}", f"{s['volume_margin_any_yaw_at_least']}/{n}",
                  f"{s['silhouette_margin_at_least']}/{n}", f"{s['right_color']}/{n}",
                  f"{s['torus_with_hole']}/{s['torus_runs']}"])
   return _markdown(header, body)

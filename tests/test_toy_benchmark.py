@@ -75,6 +75,24 @@ def test_scored_runs_are_skipped_and_another_config_is_refused(bench):
     toy_benchmark.run_one(other, workdir, PROMPTS[0], 0, train_fn=_save_untrained, log=lambda _: None)
 
 
+def test_a_row_of_an_older_yardstick_is_scored_again_without_training(bench):
+  workdir, result = bench
+  path = os.path.join(workdir, toy_benchmark.run_name(PROMPTS[0], 0), toy_benchmark.RESULT_FILE)
+  with open(path) as f:
+    row = json.load(f)
+  old = {k: v for k, v in row.items() if "any_yaw" not in k and k not in ("yardstick_version", "yaw_deg_by_shape")}
+  with open(path, "w") as f:
+    json.dump(old, f)
+  calls, lines = _save_untrained.calls, []
+  again = toy_benchmark.run_one(toy.get_config("quick"), workdir, PROMPTS[0], 0, train_fn=_save_untrained,
+                                log=lines.append)
+  assert _save_untrained.calls == calls  # nothing trained
+  assert "scoring again" in lines[0]
+  assert again == json.loads(json.dumps(result["runs"][0]))  # the same run, the same scores, the same record
+  with open(path) as f:
+    assert json.load(f)["yardstick_version"] == toy_score.VERSION
+
+
 def test_bad_prompt_fails_before_anything_is_trained(tmp_path):
   with pytest.raises(ValueError, match="a red dog"):
     toy_benchmark.run_benchmark(toy.get_config("quick"), str(tmp_path), prompts=["a green torus", "a red dog"],
@@ -82,22 +100,25 @@ def test_bad_prompt_fails_before_anything_is_trained(tmp_path):
   assert os.listdir(tmp_path) == []
 
 
-def _row(prompt, shape, sil, vol_margin, sil_margin, above, right):
+def _row(prompt, shape, sil, vol_margin, sil_margin, above, right, any_yaw_margin=None):
+  any_yaw_margin = vol_margin if any_yaw_margin is None else any_yaw_margin
   return {"prompt": prompt, "prompt_shape": shape, "seed": 0, "silhouette_iou": sil, "silhouette_margin": sil_margin,
           "volume_iou": sil, "volume_margin": vol_margin, "centre_opacity_above": above, "color_distance": 0.1,
+          "volume_iou_any_yaw": sil, "volume_margin_any_yaw": any_yaw_margin,
           "right_color": right, "has_hole": above < toy_score.HOLE_OPACITY, "best_volume_shape": shape,
           "color": "red"}
 
 
 def test_summary_counts_and_statistics_by_hand():
   rows = [_row("a red torus", "torus", 0.9, 0.10, 0.01, 0.2, True),
-          _row("a red cube", "cube", 0.5, 0.03, 0.06, 1.0, True),
+          _row("a red cube", "cube", 0.5, 0.03, 0.06, 1.0, True, any_yaw_margin=0.2),
           _row("a blue torus", "torus", 0.7, -0.2, -0.1, 0.9, False)]
   s = toy_benchmark.summarise(rows)
   assert s["num_runs"] == 3
   assert s["silhouette_iou_mean"] == pytest.approx(0.7) and s["silhouette_iou_min"] == 0.5
   assert s["volume_margin_mean"] == pytest.approx(-0.07 / 3) and s["volume_margin_min"] == -0.2
   assert (s["own_shape_best_volume"], s["volume_margin_at_least"], s["silhouette_margin_at_least"]) == (2, 1, 1)
+  assert (s["own_shape_best_volume_any_yaw"], s["volume_margin_any_yaw_at_least"]) == (2, 2)
   assert (s["right_color"], s["torus_runs"], s["torus_with_hole"]) == (2, 2, 1)
 
 

@@ -153,3 +153,35 @@ def test_orbit_cameras_match_the_silhouette_views():
   # The 15-degree ring is the side-view score of earlier versions (8 views, radius 1.7, fovy 45).
   ring = cameras.orbit_cameras(8, elevation_deg=15.0, radius=1.7, fovy_deg=45.0)
   np.testing.assert_allclose(toy_score.score_cameras().positions[8:16], ring.positions, atol=1e-6)
+
+
+@pytest.mark.parametrize("yaw", [31.0, -40.0])  # 31 and 40 degrees off the axes
+def test_a_turned_cube_is_a_cube_at_any_yaw_and_a_sphere_at_the_fixed_one(yaw):
+  # A perfect cube turned about the vertical axis (rotated by hand here, not by
+  # toy_score.yaw_field). The fixed-yaw volume IoU takes it for a sphere; the any-yaw
+  # score finds the turn (modulo the cube's 90 degrees) and the cube.
+  c, s = np.cos(np.radians(yaw)), np.sin(np.radians(yaw))
+
+  def turned_sdf(x):  # the box's SDF at the point turned back by -yaw
+    u = jnp.stack([c * x[..., 0] + s * x[..., 1], -s * x[..., 0] + c * x[..., 1], x[..., 2]], -1)
+    return toy_world.sdf_box(u, toy_world.CUBE_HALF_EXTENT)
+
+  score = toy_score.score_arrays("a red cube", **toy_score.observe_field(_field(turned_sdf, toy_world.COLORS["red"]),
+                                                                         num_samples=32))
+  assert score["volume_iou"] < 0.8 and score["best_volume_shape"] == "sphere", toy_score.summary_line(score)
+  assert score["volume_iou_any_yaw"] > 0.98 and score["best_volume_shape_any_yaw"] == "cube"
+  assert score["volume_margin_any_yaw"] > 0.2
+  found = score["yaw_deg_by_shape"]["cube"]
+  assert abs((found - yaw + 45.0) % 90.0 - 45.0) <= toy_score.YAW_STEP_DEG / 2
+  # Solids of revolution have no yaw to find: their two scores are one.
+  for shape in ("sphere", "cone", "torus"):
+    assert score["volume_iou_any_yaw_by_shape"][shape] == score["volume_iou_by_shape"][shape]
+    assert score["yaw_deg_by_shape"][shape] == 0.0
+
+
+def test_the_untilted_cube_scores_the_same_at_any_yaw():
+  occupied = toy_score.ground_truth("cube")["occupancy"]
+  assert toy_score.any_yaw_iou(occupied, "cube") == (1.0, 0.0)
+  sphere = toy_score.ground_truth("sphere")["occupancy"]
+  # Against the sphere the cube's best yaw is any: the IoU does not move with it.
+  assert toy_score.any_yaw_iou(sphere, "cube")[0] == pytest.approx(toy_score.mask_iou(sphere, occupied), abs=0.01)
