@@ -298,7 +298,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   r, t, g, c = config.render, config.train, config.guidance, config.cameras
   image = config.get("image", "")
   check(bool(str(config.prompt).strip()) or bool(image),
-        "config.prompt is empty: say what to make, e.g. --config.prompt='a hamburger'")
+        "config.prompt is empty: say what to make, e.g. --config.prompt='a hamburger' (or, with a Zero-1-to-3 "
+        "model, --config.image=photo.png)")
   if image:
     ref = config.reference
     check(os.path.isfile(image), f"config.image={image!r}: no such file")

@@ -9,7 +9,9 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from dreamfusion_jax.guidance import tiny
 
@@ -132,3 +134,21 @@ def test_resume_with_compatible_changes_continues(run_copy, tiny_sd):
   assert "resumed from" in result.stdout and "differs from this run's config" in result.stdout
   assert sorted(int(s) for s in os.listdir(run_copy / "checkpoints") if s.isdigit())[-1] == 9
   assert os.path.exists(run_copy / "config.previous.json")
+
+
+def test_bad_image_input_is_one_line_and_creates_nothing(tiny_sd, tmp_path):
+  # Image-to-3D (--config.image): a missing file, a text-to-image model, and a file that
+  # is not an image (read by the Zero-1-to-3 path, here the shipped toy prior's config).
+  not_png = tmp_path / "notes.png"
+  not_png.write_text("not an image")
+  good = tmp_path / "in.png"
+  Image.fromarray(np.full((8, 8, 4), 255, np.uint8)).save(good)
+  workdir = tmp_path / "run"
+  missing = str(tmp_path / "nowhere.png")
+  assert_one_line_error(train(workdir, tiny_sd, f"--config.image={missing}"), missing, "no such file")
+  assert_one_line_error(train(workdir, tiny_sd, f"--config.image={good}"), tiny_sd, "text-to-image")
+  cmd = [sys.executable, "scripts/train.py", f"--workdir={workdir}", "--config=configs/toy_zero123.py",
+         f"--config.image={not_png}"]
+  result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert_one_line_error(result, str(not_png), "not a readable image")
+  assert not workdir.exists()

@@ -3,6 +3,7 @@ reference-view loss against closed forms, the toy input renders, the view-condit
 toy prior's training step, and bad input to scripts/train.py with --config.image."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -150,6 +151,9 @@ def test_prior_training_resumes_bit_exactly(tmp_path, monkeypatch):
   monkeypatch.setattr(toy_zero123, "save_sample_grid", lambda *a, **k: None)
   kwargs = dict(batch_size=4, per_object=2, ckpt_every=2, export_every=100, log_every=1)
   whole = toy_zero123.train_prior(str(tmp_path / "a"), steps=4, out_dir=tmp_path / "out_a", **kwargs)
+  (tmp_path / "b").mkdir()  # the same data set and start, without rendering and initialising them again
+  shutil.copy(tmp_path / "a" / "dataset.npz", tmp_path / "b")
+  shutil.copytree(tmp_path / "a" / "init", tmp_path / "b" / "init")
   toy_zero123.train_prior(str(tmp_path / "b"), steps=2, out_dir=tmp_path / "out_b", **kwargs)
   resumed = toy_zero123.train_prior(str(tmp_path / "b"), steps=4, out_dir=tmp_path / "out_b", **kwargs)
   assert int(resumed.step) == 4
