@@ -36,6 +36,11 @@ class WorkdirError(ValueError):
   """A run directory that holds a scored run of another config."""
 
 
+class RunStopped(RuntimeError):
+  """Training stopped before its last step (SIGTERM/SIGINT): the run is not scored,
+  and the benchmark stops; the same command resumes it."""
+
+
 # (key of a score row, column title): the numbers summarised by mean and min.
 SCORE_COLUMNS = (
     ("silhouette_iou", "sil IoU"),
@@ -120,6 +125,7 @@ def run_one(config: ml_collections.ConfigDict, workdir: str, prompt: str, seed: 
 
   Raises:
     WorkdirError: the run directory holds a scored run of another config.
+    RunStopped: training returned before cfg.train.steps (a signal stopped it).
   """
   cfg = run_config(config, prompt, seed)
   run_dir = os.path.join(workdir, run_name(prompt, seed))
@@ -152,6 +158,9 @@ def run_one(config: ml_collections.ConfigDict, workdir: str, prompt: str, seed: 
   start = time.perf_counter()
   train_fn(cfg, run_dir)
   wall_s = time.perf_counter() - start
+  latest = runs.check_run_dir(run_dir)[-1]
+  if latest < cfg.train.steps:  # stopped: an unfinished run is never scored
+    raise RunStopped(f"{run_dir} stopped at step {latest} of {cfg.train.steps}; rerun the same command to resume")
   return score_run(run_dir, prompt, {"seed": seed, "train_wall_s": wall_s, "resumed": resumed,
                                      "config_fingerprint": fingerprint}, log=log)
 

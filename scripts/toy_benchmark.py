@@ -55,6 +55,8 @@ def main(argv):
     result = toy_benchmark.run_benchmark(_CONFIG.value, _WORKDIR.value, prompts=prompts, seeds=seeds)
   except (errors.InputError, guidance.ModelNotFoundError, toy_benchmark.WorkdirError) as e:
     sys.exit(f"error: {e}")
+  except toy_benchmark.RunStopped as e:
+    sys.exit(f"stopped: {e}")
   md, js = toy_benchmark.write_tables(result, _WORKDIR.value)
   print(toy_benchmark.format_markdown(result))
   print(f"tables: {md} {js}")

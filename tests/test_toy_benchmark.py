@@ -20,8 +20,9 @@ from dreamfusion_jax.checkpoints import Checkpointer
 PROMPTS = ["a yellow cone", "a green torus"]
 
 
-def _save_untrained(config, run_dir):
-  """Stands in for training: writes config.json and the step-0 state as a checkpoint."""
+def _save_untrained(config, run_dir, *, step=None):
+  """Stands in for training: writes config.json and the untrained state as the
+  checkpoint of the last step (or of `step`: a run stopped there)."""
   os.makedirs(run_dir, exist_ok=True)
   with open(os.path.join(run_dir, runs.CONFIG_FILE), "w") as f:
     f.write(config.to_json_best_effort())
@@ -29,7 +30,7 @@ def _save_untrained(config, run_dir):
   tx = state_lib.make_optimizer(config.optim, config.train.steps)
   init_key, _ = jax.random.split(jax.random.PRNGKey(config.seed))
   checkpointer = Checkpointer(os.path.join(run_dir, runs.CHECKPOINT_DIR), max_to_keep=1)
-  checkpointer.save(0, state_lib.create_train_state(scene, tx, init_key))
+  checkpointer.save(config.train.steps if step is None else step, state_lib.create_train_state(scene, tx, init_key))
   checkpointer.wait()
   checkpointer.close()
   _save_untrained.calls += 1
@@ -73,6 +74,17 @@ def test_scored_runs_are_skipped_and_another_config_is_refused(bench):
   other.train.steps = 7
   with pytest.raises(toy_benchmark.WorkdirError, match="another config"):
     toy_benchmark.run_one(other, workdir, PROMPTS[0], 0, train_fn=_save_untrained, log=lambda _: None)
+
+
+def test_a_stopped_run_is_not_scored_and_stops_the_benchmark(tmp_path):
+  # train.train_and_evaluate returns normally when SIGTERM stops it; the benchmark must
+  # not take that checkpoint for the finished run.
+  stopped = lambda config, run_dir: _save_untrained(config, run_dir, step=config.train.steps // 2)
+  with pytest.raises(toy_benchmark.RunStopped, match="rerun"):
+    toy_benchmark.run_benchmark(toy.get_config("quick"), str(tmp_path), prompts=PROMPTS, seeds=[0],
+                                train_fn=stopped, log=lambda _: None)
+  assert sorted(os.listdir(tmp_path)) == [toy_benchmark.run_name(PROMPTS[0], 0)]  # the next run never started
+  assert not os.path.exists(os.path.join(tmp_path, toy_benchmark.run_name(PROMPTS[0], 0), toy_benchmark.RESULT_FILE))
 
 
 def test_a_row_of_an_older_yardstick_is_scored_again_without_training(bench):
