@@ -2,15 +2,18 @@
 where a good one was, and never a stray temporary file beside it.
 
 `write_dir_atomically` does the same for a directory written as a whole (the
-embedded toy prior: configs, weights, tokenizer).
+embedded toy prior: configs, weights, tokenizer). `exclusive_lock` keeps a second
+process out of a directory that one is writing.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shutil
 import tempfile
-from typing import Callable
+from typing import Callable, Iterator
 
 
 def _default_mode(base: int = 0o666) -> int:
@@ -84,3 +87,28 @@ def write_dir_atomically(path: str | os.PathLike, write: Callable[[str], None]) 
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   shutil.rmtree(old, ignore_errors=True)
+
+
+class LockedError(RuntimeError):
+  """Another live process holds the lock."""
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike, what: str) -> Iterator[None]:
+  """Holds an exclusive lock on the file `path` (created if missing, left in place) for
+  the block: a second process asking for it gets a LockedError naming `what` and the
+  holder's pid. flock(2): the kernel drops it when its holder dies, even by SIGKILL, so
+  a crashed holder leaves no stale lock behind (the file stays: removing it on release
+  would let two processes lock two inodes of one name)."""
+  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+      raise LockedError(f"{what} is in use by another process (pid {holder}; lock {path})") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    yield
+  finally:
+    os.close(fd)  # releases the lock

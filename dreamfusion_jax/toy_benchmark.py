@@ -30,6 +30,7 @@ from dreamfusion_jax import state as state_lib
 RESULT_FILE = "toy_score.json"
 VIEWS_FILE = "toy_score_views.png"  # toy_score.views_image: what the scores saw
 TABLE_BASENAME = "toy_benchmark"
+LOCK_FILE = ".toy_benchmark.lock"  # one benchmark process per workdir: two would train one run at once
 
 
 class WorkdirError(ValueError):
@@ -220,11 +221,17 @@ def run_benchmark(config: ml_collections.ConfigDict, workdir: str, *, prompts: S
 
   Raises:
     ValueError: a prompt that is not a toy prompt (before anything is trained).
+    WorkdirError: another process runs a benchmark in `workdir`.
   """
   for p in prompts:
     toy_world.parse_prompt(p)
   start = time.perf_counter()
-  rows = [run_one(config, workdir, p, s, train_fn=train_fn, log=log) for s in seeds for p in prompts]
+  os.makedirs(workdir, exist_ok=True)
+  try:
+    with files.exclusive_lock(os.path.join(workdir, LOCK_FILE), f"--workdir {workdir}"):
+      rows = [run_one(config, workdir, p, s, train_fn=train_fn, log=log) for s in seeds for p in prompts]
+  except files.LockedError as e:
+    raise WorkdirError(str(e)) from None
   baseline = baseline_rows(config, prompts, seeds)
   return {"machine": machine(), "config": json.loads(config.to_json_best_effort()), "prompts": list(prompts),
           "seeds": list(seeds),

@@ -7,6 +7,8 @@ checkpoint, so a run's row (restored from disk, scored) must equal the baseline 
 
 import json
 import os
+import subprocess
+import sys
 
 import imageio.v3 as iio
 import jax
@@ -14,7 +16,7 @@ import numpy as np
 import pytest
 
 from configs import toy
-from dreamfusion_jax import runs, scene as scene_lib, state as state_lib, toy_benchmark, toy_score
+from dreamfusion_jax import files, runs, scene as scene_lib, state as state_lib, toy_benchmark, toy_score
 from dreamfusion_jax.checkpoints import Checkpointer
 
 PROMPTS = ["a yellow cone", "a green torus"]
@@ -83,8 +85,30 @@ def test_a_stopped_run_is_not_scored_and_stops_the_benchmark(tmp_path):
   with pytest.raises(toy_benchmark.RunStopped, match="rerun"):
     toy_benchmark.run_benchmark(toy.get_config("quick"), str(tmp_path), prompts=PROMPTS, seeds=[0],
                                 train_fn=stopped, log=lambda _: None)
-  assert sorted(os.listdir(tmp_path)) == [toy_benchmark.run_name(PROMPTS[0], 0)]  # the next run never started
+  started = sorted(n for n in os.listdir(tmp_path) if n != toy_benchmark.LOCK_FILE)
+  assert started == [toy_benchmark.run_name(PROMPTS[0], 0)]  # the next run never started
   assert not os.path.exists(os.path.join(tmp_path, toy_benchmark.run_name(PROMPTS[0], 0), toy_benchmark.RESULT_FILE))
+
+
+def test_a_second_benchmark_process_in_one_workdir_is_refused(tmp_path):
+  # Two processes in one workdir would train the same run at once (seen: a run scored
+  # at step 240 of 400). The lock is the kernel's, so it is held by another process here.
+  lock = os.path.join(tmp_path, toy_benchmark.LOCK_FILE)
+  holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
+                             f"fd = os.open({lock!r}, os.O_RDWR | os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX)\n"
+                             "os.write(fd, str(os.getpid()).encode()); print('held', flush=True); time.sleep(60)"],
+                            stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(toy_benchmark.WorkdirError, match=f"in use by another process \\(pid {holder.pid}"):
+      toy_benchmark.run_benchmark(toy.get_config("quick"), str(tmp_path), prompts=PROMPTS, seeds=[0],
+                                  train_fn=_save_untrained, log=lambda _: None)
+  finally:
+    holder.kill()
+    holder.wait()
+  assert sorted(os.listdir(tmp_path)) == [toy_benchmark.LOCK_FILE]  # nothing started
+  with files.exclusive_lock(lock, "again"):  # the dead holder left no stale lock
+    pass
 
 
 def test_a_row_of_an_older_yardstick_is_scored_again_without_training(bench):
