@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from configs import toy_gaussians
-from dreamfusion_jax import export, runs, train, toy_prior
+from dreamfusion_jax import cameras, export, runs, toy_prior, toy_score, train
 from dreamfusion_jax.gaussians import pool as pool_lib
 from dreamfusion_jax.gaussians import rasterize
 from dreamfusion_jax.gaussians import scene as gaussian_scene
@@ -183,10 +183,51 @@ def test_density_field_is_the_sum_of_active_gaussians():
   assert dense.sum() > 10
 
 
+@pytest.mark.parametrize("opacity", [0.6, 0.9])
+def test_the_toy_mesh_threshold_takes_the_rendered_silhouette(opacity):
+  """A lone Gaussian's export density o exp(-x^T Sigma^-1 x / 2), at its peak along a
+  pixel's ray, equals its rendered opacity there (the projection of an ellipsoid's level
+  set is the projected covariance's ellipse, up to the rasterizer's perspective
+  linearisation and low-pass dilation). So thresholding the density at 0.5 (the toy
+  config's mesh threshold, the toy score's silhouette threshold) gives the surface
+  whose silhouette is the render's opacity > 0.5; DreamGaussian's 1 gives nothing for
+  a Gaussian with opacity under 1."""
+  config = toy_gaussians.get_config()
+  assert config.gaussians.mesh_threshold == toy_score.OPACITY_THRESHOLD
+  config.gaussians.capacity = config.gaussians.num_points = 8
+  scene = gaussian_scene.build_scene(config)
+  params = scene.init(jax.random.PRNGKey(0))
+  g = dict(params["field"]["gaussians"])
+  g["means"] = g["means"].at[0].set(jnp.array([0.05, -0.03, 0.02]))
+  g["log_scales"] = g["log_scales"].at[0].set(jnp.log(jnp.array([0.45, 0.25, 0.12])))
+  g["rotations"] = g["rotations"].at[0].set(jnp.array([0.9, 0.3, -0.2, 0.25]))
+  g["opacity_logits"] = g["opacity_logits"].at[0].set(pool_lib.logit(opacity))
+  pool = dict(params["field"]["pool"], active=(jnp.arange(8) < 1).astype(jnp.float32))
+  params = {**params, "field": {"gaussians": g, "pool": pool}}
+  size = 48
+  cams = cameras.orbit_cameras(2, elevation_deg=30.0, radius=8.0, fovy_deg=8.0, start_azimuth_deg=35.0)
+  opacity_image, _ = scene.render_albedo(params, cams, size=size)
+  origins, dirs = cameras.generate_rays(cams, size, size)
+  t = jnp.linspace(6.5, 9.5, 1201)
+  points = origins[..., None, :] + t[:, None] * dirs[..., None, :]  # (2, H, W, T, 3)
+  density, _ = jax.jit(scene.field_fn(params))(points.reshape(-1, 3))
+  peak = np.asarray(density).reshape(points.shape[:-1]).max(-1)
+  opacity_image = np.asarray(opacity_image)
+  assert (opacity_image > 0.5).sum() > 150  # a footprint of some size in both views
+  np.testing.assert_allclose(peak, opacity_image, atol=0.03)
+  rendered = opacity_image > 0.5
+  iou = {th: (rendered & (peak > th)).sum() / (rendered | (peak > th)).sum() for th in (0.35, 0.5, 0.7)}
+  assert iou[config.gaussians.mesh_threshold] > 0.9, iou
+  assert iou[0.5] > max(iou[0.35], iou[0.7]) + 0.05, iou
+  assert not (peak > 1.0).any()
+
+
 def test_mesh_export_of_a_ball_of_gaussians(tmp_path):
   """The existing export path on the Gaussians' density at DreamGaussian's threshold
   (1) gives a closed surface around the ball, slightly outside its radius."""
   config, scene, params, _ = ball_scene()
+  config.gaussians.mesh_threshold = 1.0  # configs/dreamgaussian.py's; the toy config's is 0.5
+  scene = gaussian_scene.build_scene(config)
   mesh, paths, threshold = export.export_scene_mesh(config, scene, params, str(tmp_path / "ball.ply"), resolution=48,
                                                     texture=False, progress=False)
   assert threshold == 1.0 and os.path.exists(paths[0])
@@ -214,7 +255,7 @@ def test_turntable_video_of_gaussians(tmp_path):
 
 @pytest.mark.parametrize("override,message", [
     (("representation", "splats"), "config.representation must be one of nerf, gaussians, got 'splats'"),
-    (("gaussians.num_points", 9000), "config.gaussians.num_points must be in (0, capacity=8192], got 9000"),
+    (("gaussians.num_points", 5000), "config.gaussians.num_points must be in (0, capacity=4096], got 5000"),
     (("gaussians.tile_capacity", 0), "config.gaussians.tile_size and tile_capacity must be > 0"),
 ])
 def test_bad_gaussian_configs_are_named(override, message):
