@@ -11,7 +11,9 @@ view's colour and mask losses (configs/zero123.py explains the fields). The inpu
 view defaults to scripts/toy_image.py's (elevation 15, azimuth 0, radius 1.7, fovy
 45). config.prompt only names the run and the toy object it is scored against.
 
-Variants: "quick" (fewer steps, for tests).
+Variants: "quick" (fewer steps, for tests); "gaussians" (3D Gaussians:
+configs/toy_gaussians.py's scene and schedule with this prior and the input view's
+losses).
 """
 
 import os
@@ -21,12 +23,17 @@ import ml_collections
 from dreamfusion_jax import sweep, toy_zero123
 
 
+def _load(name):
+  return sweep.load_config_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py"))
+
+
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
-  toy_variant = "quick" if variant == "quick" else ""
-  if variant not in ("", "quick"):
-    raise ValueError(f"unknown variant {variant!r} of configs/toy_zero123.py; known: quick")
-  c = sweep.load_config_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy.py")).get_config(
-      toy_variant)
+  if variant not in ("", "quick", "gaussians"):
+    raise ValueError(f"unknown variant {variant!r} of configs/toy_zero123.py; known: quick, gaussians")
+  if variant == "gaussians":
+    c = _load("toy_gaussians").get_config()
+  else:
+    c = _load("toy").get_config(variant)
   g = c.guidance
   g.model = str(toy_zero123.PRIOR_DIR)
   g.guidance_scale = toy_zero123.GUIDANCE_SCALE
@@ -39,6 +46,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   # the object is there from every side but a fog (volume IoU 0 at the occupancy
   # density); the opacity entropy at 50 makes it solid (cone volume IoU 0.515, margin
   # +0.259). Tuned on "a green cone" from (15, 0) alone (docs/image_to_3d.md).
-  c.loss.opacity_weight = 10.0
-  c.loss.entropy_weight = 50.0
+  if variant != "gaussians":  # the Gaussians keep toy_gaussians.py's (none)
+    c.loss.opacity_weight = 10.0
+    c.loss.entropy_weight = 50.0
   return c
