@@ -10,19 +10,14 @@ colours), timestep annealing (here t_max 0.98 -> 0.5 linearly). Stage 2 (mesh
 texture refinement) is not ported.
 """
 
-import os
-
 import ml_collections
 
 from dreamfusion_jax import sweep
 
 
-def _load(name):
-  return sweep.load_config_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py"))
-
-
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
-  c = _load("gaussians_defaults").add_gaussians(_load("dreamfusion").get_config())
+  base = sweep.load_sibling_config(__file__, "dreamfusion").get_config()
+  c = sweep.load_sibling_config(__file__, "gaussians_defaults").add_gaussians(base)
   c.render.height = c.render.width = 256
   # At 256x256 the starting ball drops 17898 (tile, Gaussian) pairs with 256 per tile and
   # 2664 with 512 (docs/gaussians.md); 1024 is unmeasured on an accelerator.

@@ -13,19 +13,13 @@ docs/guidance.md; any config takes --config.guidance.method=sds|csd|ism|vsd); "v
 (--config.guidance.perp_neg=True).
 """
 
-import os
-
 import ml_collections
 
 from dreamfusion_jax import sweep, toy_prior, toy_world
 
 
-def _base_config_module():
-  return sweep.load_config_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), "dreamfusion.py"))
-
-
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
-  c = _base_config_module().get_config()
+  c = sweep.load_sibling_config(__file__, "dreamfusion").get_config()
   views = toy_world.ViewDistribution()
   c.prompt = "a red cube"
 

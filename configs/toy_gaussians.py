@@ -12,34 +12,30 @@ Variants: "quick" (fewer steps, for tests), "tiny" (a few steps with a small poo
 end-to-end test).
 """
 
-import os
-
 import ml_collections
 
 from dreamfusion_jax import sweep
 
 
-def _load(name):
-  return sweep.load_config_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py"))
-
-
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
   toy_variant = "quick" if variant in ("quick", "tiny") else ""
-  c = _load("gaussians_defaults").add_gaussians(_load("toy").get_config(toy_variant))
+  base = sweep.load_sibling_config(__file__, "toy").get_config(toy_variant)
+  c = sweep.load_sibling_config(__file__, "gaussians_defaults").add_gaussians(base)
   if not variant:
     # DreamGaussian's 500 steps against threestudio's 10000: the Gaussians converge in
     # fewer steps than the NeRF. On the 4-prompt subset (docs/gaussians.md) 150 and 200
     # steps scored like 400; 200 gave the truer colours.
     c.train.steps = 200
   gs = c.gaussians
-  # The pool stayed within 1000-1400 active Gaussians in every toy run measured, and
+  # The pool stayed within 807-1400 active Gaussians in every toy run measured, and
   # every pool slot is projected and binned in every view: room for 4x growth, no more.
   gs.capacity = 4096
   gs.num_points = 1000
   gs.tile_size = 8  # 16 tiles of a 32x32 view
-  # Compositing costs pixels x K (docs/gaussians.md): K = 512 drops a few dozen of the
-  # farthest (tile, Gaussian) pairs in some views of a 1000-Gaussian ball (the
-  # tile_overflow metric, logged), K = 1024 none at 2.7x the cost.
+  # Compositing costs pixels x K (docs/gaussians.md): K = 512 dropped some of the
+  # farthest (tile, Gaussian) pairs in 144 of the 32-run table's 320 logged steps (the
+  # tile_overflow metric: median 0, at most 152 per image), K = 1024 none at about 3x
+  # the rasterizer's cost.
   gs.tile_capacity = 512
   gs.densify_until = c.train.steps
   # DreamGaussian decays the positions' rate over its whole run (position_lr_max_steps =
@@ -61,8 +57,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   # rendered opacity there (the projection of an ellipsoid's level set is the projected
   # covariance's ellipse), so 0.5 gives the surface whose silhouette is the renders'
   # opacity > 0.5, the toy score's silhouette threshold (test_gaussians_train.py). With
-  # 1, the 32-run table's spheres came out a third smaller than their silhouettes say
-  # (docs/gaussians.md).
+  # 1, the 32-run table's spheres were much smaller than their silhouettes say ("a blue
+  # sphere" seed 0: 28736 voxels against the truth's 51440; docs/gaussians.md).
   gs.mesh_threshold = 0.5
   c.train.eval_every = c.train.ckpt_every = min(c.train.eval_every, c.train.steps)
   c.guidance.t_anneal_steps = c.train.steps

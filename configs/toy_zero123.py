@@ -16,24 +16,18 @@ configs/toy_gaussians.py's scene and schedule with this prior and the input view
 losses).
 """
 
-import os
-
 import ml_collections
 
 from dreamfusion_jax import sweep, toy_zero123
-
-
-def _load(name):
-  return sweep.load_config_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py"))
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
   if variant not in ("", "quick", "gaussians"):
     raise ValueError(f"unknown variant {variant!r} of configs/toy_zero123.py; known: quick, gaussians")
   if variant == "gaussians":
-    c = _load("toy_gaussians").get_config()
+    c = sweep.load_sibling_config(__file__, "toy_gaussians").get_config()
   else:
-    c = _load("toy").get_config(variant)
+    c = sweep.load_sibling_config(__file__, "toy").get_config(variant)
   g = c.guidance
   g.model = str(toy_zero123.PRIOR_DIR)
   g.guidance_scale = toy_zero123.GUIDANCE_SCALE

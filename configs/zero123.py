@@ -16,15 +16,13 @@ from 0.98 towards 0.5, albedo renders at first).
 Derived from configs/dreamfusion.py; the embedded toy version is configs/toy_zero123.py.
 """
 
-import os
-
 import ml_collections
 
 from dreamfusion_jax import sweep
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
-  c = sweep.load_config_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), "dreamfusion.py")).get_config()
+  c = sweep.load_sibling_config(__file__, "dreamfusion").get_config()
   c.prompt = "the input image"  # names the run; the image is the condition
   c.image = ""  # required: --config.image=PATH
   g = c.guidance

@@ -76,6 +76,14 @@ def load_config_module(path: str):
   return module
 
 
+def load_sibling_config(anchor_file: str, name: str):
+  """The config module `name` in the folder of `anchor_file` (a config file's
+  `__file__`): how a config loads the base configs beside it."""
+  import os
+
+  return load_config_module(os.path.join(os.path.dirname(os.path.abspath(anchor_file)), f"{name}.py"))
+
+
 def load_config_file(spec: str):
   """`path[:variant]` -> the config its get_config(variant) returns (as --config reads it)."""
   import os
