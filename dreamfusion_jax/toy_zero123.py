@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dreamfusion_jax import files, toy_prior, toy_world
+from dreamfusion_jax import errors, files, toy_prior, toy_world
 
 Array = jax.Array
 
@@ -54,8 +54,14 @@ PREPROCESSOR_CONFIG = {"crop_size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE},
                        "image_std": [0.26862954, 0.26130258, 0.27577711]}
 
 
-def init_params(seed: int) -> dict:
-  """Random {"unet", "image_encoder", "cc_projection"} params (numpy, no compile)."""
+def init_params(seed: int, unet_from: str | os.PathLike | None = None) -> dict:
+  """Random {"unet", "image_encoder", "cc_projection"} params (numpy, no compile).
+
+  `unet_from`: a text prior directory (toy_prior's layout) whose UNet starts this one,
+  as Zero-1-to-3 starts from a Stable Diffusion UNet: every weight copied, the input
+  view's new input channels of conv_in zero (expand_conv_in). The image encoder and
+  cc_projection stay random (the text prior has neither).
+  """
   from dreamfusion_jax.guidance import sd_models, zero123  # pylint: disable=g-import-not-at-top
 
   _, unet_shapes = sd_models.unet_from_config(UNET_CONFIG)
@@ -63,9 +69,35 @@ def init_params(seed: int) -> dict:
   rng = np.random.default_rng(seed + 2)
   fan_in = EMBED_DIM + zero123.CAMERA_DIM
   kernel = (rng.standard_normal((fan_in, EMBED_DIM)) / np.sqrt(fan_in)).astype(np.float32)
-  return {"unet": sd_models.random_params(unet_shapes, seed),
+  unet = sd_models.random_params(unet_shapes, seed)
+  if unet_from is not None:
+    unet = text_prior_unet(unet_from, unet_shapes)
+  return {"unet": unet,
           "image_encoder": sd_models.random_params(encoder_shapes, seed + 1),
           "cc_projection": {"projection": {"kernel": kernel, "bias": np.zeros((EMBED_DIM,), np.float32)}}}
+
+
+def expand_conv_in(kernel: np.ndarray, in_channels: int) -> np.ndarray:
+  """A conv kernel (kh, kw, C, O) widened to (kh, kw, in_channels, O) by zeros: the new
+  input channels start with no effect (Zero-1-to-3's initialisation of its 8-channel
+  conv_in from Stable Diffusion's 4)."""
+  kh, kw, c, o = kernel.shape
+  if in_channels < c:
+    raise ValueError(f"cannot narrow conv_in from {c} to {in_channels} input channels")
+  return np.concatenate([kernel, np.zeros((kh, kw, in_channels - c, o), kernel.dtype)], axis=2)
+
+
+def text_prior_unet(path: str | os.PathLike, unet_shapes) -> dict:
+  """The UNet params of the text prior at `path` in this prior's UNet shapes (numpy)."""
+  _, params = toy_prior.load(path)
+  unet = jax.tree_util.tree_map(np.asarray, jax.device_get(params["unet"]))
+  unet["conv_in"]["kernel"] = expand_conv_in(unet["conv_in"]["kernel"], UNET_CONFIG["in_channels"])
+  want = jax.tree_util.tree_map(lambda x: tuple(x.shape), unet_shapes)
+  got = jax.tree_util.tree_map(lambda x: tuple(x.shape), unet)
+  if want != got:
+    raise errors.InputError(f"the UNet of {path} does not have this prior's shapes (UNET_CONFIG but "
+                            f"in_channels): it cannot start it")
+  return unet
 
 
 def write_prior_dir(path: str | os.PathLike, params: dict, training_state: dict | None = None) -> pathlib.Path:
@@ -237,10 +269,13 @@ def save_sample_grid(guidance, params, data: dict, path: str, *, seed: int = 0) 
 def train_prior(workdir: str, *, steps: int, batch_size: int = 32, per_object: int = 256, lr: float = 5e-4,
                 warmup_steps: int = 200, seed: int = 0, log_every: int = 50, ckpt_every: int = 250,
                 export_every: int = 500, out_dir: str | os.PathLike = PRIOR_DIR,
-                warm_start: str | os.PathLike | None = None, export_only: bool = False) -> toy_prior.PriorState:
+                warm_start: str | os.PathLike | None = None, export_only: bool = False,
+                unet_from: str | os.PathLike | None = None) -> toy_prior.PriorState:
   """Trains (or resumes) the view-conditioned prior in `workdir` and exports its EMA
   weights to `out_dir`; as toy_prior.train_prior (same data set, loop, checkpoints,
-  warm start and signals), on pairs of views of one object."""
+  warm start and signals), on pairs of views of one object. A new workdir's UNet
+  starts from the text prior at `unet_from` (init_params) or, if None, at random;
+  the choice is written once into workdir/init and recorded in every export."""
   from dreamfusion_jax import checkpoints  # pylint: disable=g-import-not-at-top
 
   work = pathlib.Path(workdir)
@@ -252,7 +287,10 @@ def train_prior(workdir: str, *, steps: int, batch_size: int = 32, per_object: i
                      "before cameras were recorded; use a new --workdir")
   init_dir = work / "init"
   if not init_dir.exists():
-    write_prior_dir(init_dir, init_params(seed))
+    write_prior_dir(init_dir, init_params(seed, unet_from),
+                    {"unet_from": None if unet_from is None else str(unet_from)})
+  unet_init = json.loads((init_dir / TRAINING_STATE).read_text())["unet_from"] if (
+      init_dir / TRAINING_STATE).exists() else None
   guidance, gparams = load(init_dir)
   trainable = lambda p: {k: p[k] for k in ("unet", "image_encoder", "cc_projection")}
   tx = toy_prior.make_optimizer(lr, warmup_steps)
@@ -275,7 +313,8 @@ def train_prior(workdir: str, *, steps: int, batch_size: int = 32, per_object: i
     gaps = conditioning_gaps(guidance, ema, gap_data)
     out = write_prior_dir(out_dir, trainable(ema),
                           toy_prior.training_record(state, gaps, target_steps=steps, batch_size=batch_size,
-                                                    per_object=per_object, lr=lr, seed=seed))
+                                                    per_object=per_object, lr=lr, seed=seed,
+                                                    unet_from=unet_init))
     sample_guidance, sample_params = load(out)
     save_sample_grid(sample_guidance, sample_params, gap_data, str(work / f"samples_{int(state.step):06d}.png"))
     print(f"exported the EMA weights at step {int(state.step)} to {out}; conditioning gaps "

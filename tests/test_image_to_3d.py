@@ -167,3 +167,36 @@ def test_prior_training_resumes_bit_exactly(tmp_path, monkeypatch):
   _, loaded = toy_zero123.load(tmp_path / "out_b")  # the export loads as a Zero-1-to-3
   np.testing.assert_array_equal(np.asarray(loaded["cc_projection"]["projection"]["kernel"]),
                                 np.asarray(resumed.ema_params["cc_projection"]["projection"]["kernel"]))
+
+
+def test_expanded_conv_in_ignores_the_new_channels():
+  # Zero-1-to-3's start: the widened conv on [x, y] is the original conv on x, for any y.
+  rng = np.random.default_rng(0)
+  kernel = rng.standard_normal((3, 3, 3, 8)).astype(np.float32)
+  wide = toy_zero123.expand_conv_in(kernel, 6)
+  x, y = (jnp.asarray(rng.standard_normal((2, 9, 9, 3)), jnp.float32) for _ in range(2))
+  conv = lambda inp, k: jax.lax.conv_general_dilated(inp, jnp.asarray(k), (1, 1), "SAME",
+                                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  np.testing.assert_allclose(conv(jnp.concatenate([x, y], -1), wide), conv(x, kernel), atol=1e-5)
+  assert float(jnp.abs(conv(y, kernel)).max()) > 0.1  # y alone through the old kernel is not nothing
+  with pytest.raises(ValueError, match="narrow"):
+    toy_zero123.expand_conv_in(kernel, 2)
+
+
+def test_the_view_prior_unet_starts_from_the_text_prior():
+  # Every UNet weight is the shipped text prior's; conv_in's first 3 input channels
+  # (the noisy view) are its conv_in, the input view's 3 start at zero.
+  _, text = toy_prior.load()
+  text_unet = jax.device_get(text["unet"])
+  unet = toy_zero123.init_params(0, unet_from=toy_prior.PRIOR_DIR)["unet"]
+  random_unet = toy_zero123.init_params(0)["unet"]
+  flat = lambda tree: dict(jax.tree_util.tree_leaves_with_path(tree))
+  text_flat, unet_flat, random_flat = flat(text_unet), flat(unet), flat(random_unet)
+  assert set(unet_flat) == set(text_flat) == set(random_flat)
+  for path, leaf in unet_flat.items():
+    if "conv_in" in jax.tree_util.keystr(path) and "kernel" in jax.tree_util.keystr(path):
+      np.testing.assert_array_equal(leaf[:, :, :3], text_flat[path])
+      assert not np.any(leaf[:, :, 3:]) and np.any(random_flat[path][:, :, 3:])
+    else:
+      np.testing.assert_array_equal(leaf, text_flat[path])
+  assert not np.array_equal(random_flat[next(iter(random_flat))], text_flat[next(iter(random_flat))])
