@@ -152,3 +152,18 @@ def test_bad_image_input_is_one_line_and_creates_nothing(tiny_sd, tmp_path):
   result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
   assert_one_line_error(result, str(not_png), "not a readable image")
   assert not workdir.exists()
+
+
+@pytest.mark.parametrize("extra, needles", [
+    ([], ["toy_zero123", "--config.image=PATH"]),  # a Zero-1-to-3 model without an image
+    (["--config.guidance.method=csd"], ["method='csd'", "sds only"]),
+    (["--config.guidance.perp_neg=True"], ["perp_neg", "camera itself"]),
+])
+def test_image_to_3d_config_cases_are_one_line_and_create_nothing(extra, needles, tmp_path):
+  image = tmp_path / "in.png"
+  Image.fromarray(np.full((16, 16, 4), 255, np.uint8)).save(image)
+  workdir = tmp_path / "run"
+  flags = [f"--config.image={image}", *extra] if extra else ["--config.image="]
+  cmd = [sys.executable, "scripts/train.py", f"--workdir={workdir}", "--config=configs/toy_zero123.py", *flags]
+  assert_one_line_error(subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600), *needles)
+  assert not workdir.exists()
