@@ -69,9 +69,7 @@ def init_params(seed: int, unet_from: str | os.PathLike | None = None) -> dict:
   rng = np.random.default_rng(seed + 2)
   fan_in = EMBED_DIM + zero123.CAMERA_DIM
   kernel = (rng.standard_normal((fan_in, EMBED_DIM)) / np.sqrt(fan_in)).astype(np.float32)
-  unet = sd_models.random_params(unet_shapes, seed)
-  if unet_from is not None:
-    unet = text_prior_unet(unet_from, unet_shapes)
+  unet = sd_models.random_params(unet_shapes, seed) if unet_from is None else text_prior_unet(unet_from, unet_shapes)
   return {"unet": unet,
           "image_encoder": sd_models.random_params(encoder_shapes, seed + 1),
           "cc_projection": {"projection": {"kernel": kernel, "bias": np.zeros((EMBED_DIM,), np.float32)}}}
