@@ -9,6 +9,12 @@ there, with jaxlib 0.10.2, serializing one executable for the cache aborted the 
 process (SIGABRT in `executable.serialize()`, twice at the same test, once on an idle machine)
 after a few hundred tests had compiled theirs; a fresh process writes the same
 executable without trouble.
+
+The README's command runs the suite in two pytest-xdist workers, one test module each
+at a time (`-n 2 --dist loadfile`: a module's fixtures are built once). A toy run keeps
+about one of the two cores busy (much of a step, and all of XLA's compiling, is one
+thread), so two modules at once finish the suite sooner. Each worker has its own cache:
+two processes never write one cache entry at once.
 """
 
 import atexit
@@ -22,7 +28,7 @@ from dreamfusion_jax import cli
 
 cli.apply_cpu_xla_flags()
 
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ or os.environ.get("PYTEST_XDIST_WORKER"):
   _CACHE = tempfile.mkdtemp(prefix="dreamfusion_jax_tests_xla_")
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE  # subprocesses (the scripts) share it
   atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
