@@ -30,6 +30,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   ref.azimuth_deg = 0.0
   ref.radius = 1.8
   ref.fovy_deg = 40.0
+  # 0: the image as it is (square, framed as this camera sees the object); f in (0, 1]:
+  # recentred first, the object's longer side f of the frame (reference_image.recenter).
+  ref.object_size = 0.0
   ref.rgb_weight = 1000.0  # the input view's colour loss (losses.reference_view_loss)
   ref.mask_weight = 1000.0  # ... and its mask loss
 

@@ -6,8 +6,8 @@
 DIR is a Zero-1-to-3 checkpoint in the diffusers layout (e.g. a download of
 kxic/zero123-xl-diffusers: unet/ vae/ image_encoder/ cc_projection/ scheduler/
 feature_extractor/), or its hub id when it is in the local Hugging Face cache. The
-image: RGBA (alpha is the mask) or RGB on a plain background; square, the object
-centred (dreamfusion_jax/reference_image.py). It is the view from
+image: RGBA (alpha is the mask) or RGB on a plain background, any size; it is
+recentred (config.reference.object_size, dreamfusion_jax/reference_image.py). It is the view from
 config.reference.{elevation_deg, azimuth_deg, radius}; every step renders that view
 against it (colour and mask) and Zero-1-to-3 SDS on random views at the same distance
 (threestudio's zero123 system: elevation 0, classifier-free guidance 3, t annealed
@@ -33,6 +33,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   g.view_dependent = False  # no text
   ref = c.reference
   ref.elevation_deg, ref.azimuth_deg, ref.radius, ref.fovy_deg = 0.0, 0.0, 1.8, 40.0
+  # A photo is recentred first, its object's longer side 0.8 of the frame, as
+  # stable-dreamfusion's preprocess_image.py (border ratio 0.2) does: at radius 1.8 and
+  # fovy 40 the frame is 1.31 units wide at the origin, so the object spans ~1.05.
+  ref.object_size = 0.8
   cam = c.cameras
   cam.radius_range = (ref.radius, ref.radius)  # zero123's d radius stays 0
   cam.fovy_range_deg = (ref.fovy_deg, ref.fovy_deg)

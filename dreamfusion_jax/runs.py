@@ -91,7 +91,8 @@ def make_conditioning(config: ml_collections.ConfigDict, guidance, gparams):
   r = config.reference
   return reference_image.image_conditioning(guidance, gparams, config.image,
                                             camera=(r.elevation_deg, r.azimuth_deg, r.radius),
-                                            render_size=(config.render.height, config.render.width))
+                                            render_size=(config.render.height, config.render.width),
+                                            object_size=r.get("object_size", 0.0))
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -110,7 +111,7 @@ _ADDED_FIELDS = {("field", "progressive_start_step"): 0, ("train", "mesh_target_
                  ("guidance", "sample_posterior"): False, ("guidance", "method"): "sds",
                  ("guidance", "ism_delta_t"): 50, ("guidance", "ism_inv_steps"): 5, ("guidance", "perp_neg"): False,
                  ("guidance", "vsd_lora_rank"): 4, ("guidance", "vsd_lr"): 1e-4,
-                 ("guidance", "weight"): 1.0}
+                 ("guidance", "weight"): 1.0, ("reference", "object_size"): 0.0}
 
 
 def upgrade_config(saved: dict) -> dict:

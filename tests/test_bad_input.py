@@ -158,6 +158,7 @@ def test_bad_image_input_is_one_line_and_creates_nothing(tiny_sd, tmp_path):
     ([], ["toy_zero123", "--config.image=PATH"]),  # a Zero-1-to-3 model without an image
     (["--config.guidance.method=csd"], ["method='csd'", "sds only"]),
     (["--config.guidance.perp_neg=True"], ["perp_neg", "camera itself"]),
+    (["--config.reference.object_size=1.5"], ["config.reference.object_size", "[0, 1]", "1.5"]),
 ])
 def test_image_to_3d_config_cases_are_one_line_and_create_nothing(extra, needles, tmp_path):
   image = tmp_path / "in.png"

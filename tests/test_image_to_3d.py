@@ -47,6 +47,54 @@ def test_rgba_alpha_is_the_mask_and_rgb_background_is_masked(tmp_path):
   np.testing.assert_allclose(rgb[3, 3], np.array([200, 10, 10]) / 255.0, atol=1e-6)
 
 
+def test_recentring_scales_and_centres_the_objects_box(tmp_path):
+  # A 6x4 red box off-centre in a 20x30 RGBA image; its longer side to half the frame:
+  # scale 30 * 0.5 / 6 = 2.5, so a 15x10 box on the 30x30 canvas at rows 7:22, cols 10:20.
+  rgba = np.zeros((20, 30, 4), np.uint8)
+  rgba[2:8, 20:24] = (200, 10, 10, 255)
+  Image.fromarray(rgba).save(tmp_path / "a.png")
+  with pytest.raises(errors.InputError, match="is 30x20: the input must be square"):
+    reference_image.read_image(tmp_path / "a.png")
+  rgb, mask = reference_image.read_image(tmp_path / "a.png", object_size=0.5)
+  assert rgb.shape == (30, 30, 3) and mask.shape == (30, 30)
+  expected = np.zeros((30, 30), np.float32)
+  expected[7:22, 10:20] = 1.0
+  np.testing.assert_allclose(mask, expected, atol=1e-5)
+  np.testing.assert_allclose(rgb[7:22, 10:20], np.broadcast_to(np.array([200, 10, 10]) / 255.0, (15, 10, 3)),
+                             atol=1e-5)
+  assert rgb[mask < 0.5].max() == 0.0
+  # A centred object already at the asked size comes back as it was.
+  square = np.zeros((16, 16, 4), np.float32)
+  square[4:12, 6:10] = (0.2, 0.4, 0.6, 1.0)
+  rgb2, mask2 = reference_image.recenter(square[..., :3], square[..., 3], 0.5)
+  np.testing.assert_allclose(mask2, square[..., 3], atol=1e-5)
+  np.testing.assert_allclose(rgb2, square[..., :3], atol=1e-5)
+  with pytest.raises(errors.InputError, match="object_size must lie in"):
+    reference_image.recenter(square[..., :3], square[..., 3], 1.5)
+
+
+def test_a_recentred_photo_becomes_the_runs_conditioning(tmp_path):
+  # The run's path (runs.py -> image_conditioning) with object_size: a non-square RGB
+  # photo, the object off-centre on a plain background, reaches the render size centred.
+  photo = np.full((48, 64, 3), 230, np.uint8)
+  photo[4:16, 40:52] = (20, 40, 200)  # a 12x12 blue square near the top right
+  Image.fromarray(photo).save(tmp_path / "photo.png")
+  guidance, params = toy_zero123.load()
+  ref = reference_image.image_conditioning(guidance, params, tmp_path / "photo.png", camera=(15.0, 0.0, 1.7),
+                                           render_size=(32, 32), object_size=0.5)
+  mask = np.asarray(ref.mask)
+  assert mask.shape == (32, 32)
+  # A 16x16 box (half of 32) at rows and cols 8:24; the antialiased downsizing from the
+  # 64x64 canvas softens the one-pixel rim only.
+  np.testing.assert_allclose(mask[9:23, 9:23], 1.0, atol=1e-5)
+  assert mask[:7].max() == mask[25:].max() == mask[:, :7].max() == mask[:, 25:].max() == 0.0
+  assert mask.sum() == pytest.approx(16 * 16, rel=0.02)
+  rows, cols = np.indices(mask.shape)
+  assert (mask * rows).sum() / mask.sum() == pytest.approx(15.5, abs=0.05)
+  assert (mask * cols).sum() / mask.sum() == pytest.approx(15.5, abs=0.05)
+  np.testing.assert_allclose(np.asarray(ref.rgb)[16, 16], np.array([20, 40, 200]) / 255.0, atol=1e-5)
+
+
 @pytest.mark.parametrize("make,message", [
     (lambda p: Image.fromarray(np.zeros((8, 6, 3), np.uint8)).save(p), "is 6x8: the input must be square"),
     (lambda p: Image.fromarray(np.full((8, 8, 3), 90, np.uint8)).save(p), "no object found"),
