@@ -21,7 +21,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   # Gaussians, config.gaussians: see configs/dreamgaussian.py and docs/gaussians.md).
   c.representation = "nerf"
   # Image-to-3D (configs/zero123.py): the input image (RGBA, or RGB on a plain
-  # background; square, object centred) and the view it was taken from. "" = text-to-3D.
+  # background; see reference.object_size) and the view it was taken from. "" = text-to-3D.
   # With an image, config.prompt only names the run (and the toy object it is scored
   # against); the guidance model must be a Zero-1-to-3 checkpoint.
   c.image = ""
