@@ -34,7 +34,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.loss.orientation_weight = 0.0  # no samples along rays to orient
   c.guidance.t_max_end = 0.5
   c.train.steps = 500
-  c.guidance.t_anneal_steps = c.train.steps
+  c.guidance.t_anneal_steps = sweep.follow_steps(c)
   c.train.eval_every = c.train.ckpt_every = 100
   c.train.export_mesh = True
   if variant:

@@ -105,5 +105,5 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     g.perp_neg = True
   elif variant:
     raise ValueError(f"unknown variant {variant!r} of configs/toy.py; known: quick, csd, ism, vsd, perp_neg")
-  g.t_anneal_steps = t.steps
+  g.t_anneal_steps = sweep.follow_steps(c)
   return c

@@ -37,16 +37,16 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   # tile_overflow metric: median 0, at most 152 per image), K = 1024 none at about 3x
   # the rasterizer's cost.
   gs.tile_capacity = 512
-  gs.densify_until = c.train.steps
+  gs.densify_until = sweep.follow_steps(c)
   # DreamGaussian decays the positions' rate over its whole run (position_lr_max_steps =
   # iters = 500).
-  c.optim.gaussians.means_decay_steps = c.train.steps
+  c.optim.gaussians.means_decay_steps = sweep.follow_steps(c)
   # The toy prior's SDS gradients are far larger than Stable Diffusion's latent ones: after
   # 2 steps on "a blue sphere" the mean screen gradient (NDC units) has quartiles
   # 0.30 / 0.58 / 0.98, so DreamGaussian's 0.01 would split every Gaussian at every
   # densify. 1.0 (about the 80th percentile there) is a scale estimate, not a tuned value.
   gs.grad_threshold = 1.0
-  gs.opacity_reset_every = 10 * c.train.steps  # DreamGaussian's 700 is past the toy's run: never
+  gs.opacity_reset_every = sweep.follow_steps(c, 10)  # DreamGaussian's 700 is past the toy's run: never
   c.loss.orientation_weight = 0.0  # no samples along rays to orient
   # The toy NeRF's sparsity weight (200) was tuned for a volume's per-ray opacity;
   # DreamGaussian has none. Off until measured.
@@ -61,7 +61,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   # sphere" seed 0: 28736 voxels against the truth's 51440; docs/gaussians.md).
   gs.mesh_threshold = 0.5
   c.train.eval_every = c.train.ckpt_every = min(c.train.eval_every, c.train.steps)
-  c.guidance.t_anneal_steps = c.train.steps
+  c.guidance.t_anneal_steps = sweep.follow_steps(c)
   if variant == "tiny":
     gs.capacity = 512
     gs.num_points = 200
@@ -72,8 +72,6 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.train.eval_every = c.train.ckpt_every = 3
     c.train.eval_height = c.train.eval_width = 16
     c.cameras.eval_num_views = 2
-    c.guidance.t_anneal_steps = c.train.steps
-    gs.densify_until = c.train.steps
   elif variant not in ("", "quick"):
     raise ValueError(f"unknown variant {variant!r} of configs/toy_gaussians.py; known: quick, tiny")
   return c

@@ -50,7 +50,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   t.batch_size = 4
   t.eval_every = t.ckpt_every = 500
   t.render_video = t.export_mesh = True
-  g.t_anneal_steps = t.steps
+  g.t_anneal_steps = sweep.follow_steps(c)
   if variant:
     raise ValueError(f"unknown variant {variant!r} of configs/zero123.py; it has none")
   return c

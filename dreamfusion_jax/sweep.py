@@ -11,6 +11,19 @@ SCENE_FIELDS = ("prompt", "seed", "optim.lr", "guidance.guidance_scale", "loss.o
                 "loss.opacity_weight", "loss.entropy_weight")
 
 
+def follow_steps(config, times: int = 1):
+  """`times` x config.train.steps, as a value that follows it: assign it to a field whose
+  value is a number of steps (an annealing length, a densify window), and an override
+  of train.steps (--config.train.steps=N, a sweep axis, a variant set later) moves the
+  field with it, while an override of the field itself changes that field alone.
+
+  (An ml_collections reference derived by an operation: `times` x get_ref("steps").
+  Assigning `train.get_ref("steps")` itself would link both ways: an override of the
+  field would set train.steps too.)
+  """
+  return config.train.get_ref("steps") * times
+
+
 def parse_axis(spec: str) -> tuple[str, list[str]]:
   """"optim.lr=1e-2,5e-3" -> ("optim.lr", ["1e-2", "5e-3"]).
 

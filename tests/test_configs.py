@@ -2,6 +2,8 @@
 the defaults sample (view buckets, blob, VAE posterior)."""
 
 import dataclasses
+import functools
+import json
 import os
 
 import jax
@@ -19,9 +21,9 @@ from dreamfusion_jax.guidance import tiny
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def parse_cli(*overrides, variant=":tiny"):
+def parse_cli(*overrides, variant=":tiny", name="dreamfusion"):
   """The config as scripts/train.py parses it (lock_config: unknown fields are errors)."""
-  argv = ["train.py", f"--config={os.path.join(REPO, 'configs', 'dreamfusion.py')}{variant}", *overrides]
+  argv = ["train.py", f"--config={os.path.join(REPO, 'configs', name + '.py')}{variant}", *overrides]
   values = flags.FlagValues()
   config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True, sys_argv=argv)
   values(argv)
@@ -88,3 +90,34 @@ def test_sample_posterior_flag_samples_the_vae_posterior(tiny_sd):
   eps = jax.random.normal(key, posterior.mean.shape)
   np.testing.assert_allclose(sampled, (posterior.mean + posterior.std * eps) * scale, rtol=1e-5, atol=1e-6)
   assert float(jnp.abs(sampled - mean).max()) > 1e-3  # the two encodings differ
+
+
+# Each config's fields counted in steps that scale with the run (sweep.follow_steps), with
+# their values at the config's own train.steps.
+FOLLOWING = {
+    "toy": {"guidance.t_anneal_steps": 1},
+    "toy_gaussians": {"guidance.t_anneal_steps": 1, "gaussians.densify_until": 1,
+                      "optim.gaussians.means_decay_steps": 1, "gaussians.opacity_reset_every": 10},
+    "dreamgaussian": {"guidance.t_anneal_steps": 1},
+    "zero123": {"guidance.t_anneal_steps": 1},
+}
+
+
+@pytest.mark.parametrize("name", sorted(FOLLOWING))
+def test_step_counted_fields_follow_a_train_steps_override(name):
+  get = lambda c, key: functools.reduce(lambda node, part: node[part], key.split("."), c)
+  default = parse_cli(variant="", name=name)
+  steps = default.train.steps
+  assert steps != 37
+  for key, times in FOLLOWING[name].items():
+    assert get(default, key) == times * steps, key
+  # --config.train.steps=37 moves each of them (a sweep over run lengths anneals over
+  # each run's own length) ...
+  short = parse_cli("--config.train.steps=37", variant="", name=name)
+  for key, times in FOLLOWING[name].items():
+    assert get(short, key) == times * 37, key
+  # ... while overriding one of them changes it alone.
+  key = next(iter(FOLLOWING[name]))
+  one = parse_cli(f"--config.{key}=5", variant="", name=name)
+  assert get(one, key) == 5 and one.train.steps == steps
+  assert json.loads(one.to_json_best_effort())["train"]["steps"] == steps

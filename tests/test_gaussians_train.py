@@ -91,8 +91,11 @@ def test_resume_is_bit_exact(prior, tmp_path):
   Adam state included (the densify at step 4 and 6 depends on both)."""
   config = tiny_config()
   train.train_and_evaluate(config, str(tmp_path / "full"))
-  first = tiny_config()
-  first.train.steps = 3  # every step-dependent schedule is fixed by the tiny variant, not by steps
+  # Stopped after 3 of the 6 steps: the schedules that follow train.steps (densify window,
+  # means decay, t annealing; sweep.follow_steps) stay the 6-step run's, resolved first.
+  first = tiny_config().copy_and_resolve_references()
+  first.train.steps = 3
+  assert first.gaussians.densify_until == config.gaussians.densify_until == 6
   train.train_and_evaluate(first, str(tmp_path / "resumed"))
   train.train_and_evaluate(config, str(tmp_path / "resumed"))
   _, _, full, step_full = runs.restore_scene(str(tmp_path / "full"))
