@@ -108,6 +108,18 @@ def load_config_file(spec: str):
   return module.get_config(variant) if variant else module.get_config()
 
 
+def scene_config(base, overrides: dict[str, str]):
+  """A copy of `base` with `overrides` ({key: flag text}) applied, then resolved: fields
+  that follow train.steps (follow_steps) see a train.steps override, as on the command
+  line; `base` is unchanged."""
+  import copy
+
+  config = copy.deepcopy(base)  # keeps the references (copy_and_resolve_references would cut them first)
+  for key, value in overrides.items():
+    apply_override(config, key, value)
+  return config.copy_and_resolve_references()
+
+
 def apply_override(config, key: str, value: str) -> None:
   """Sets config.<key> from its flag text, parsed as the field's own type (as
   --config.<key>=<value> would be)."""

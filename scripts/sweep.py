@@ -74,12 +74,7 @@ def _train_scenes(job, fixed, names) -> bool:
 
   try:
     base = sweep.load_config_file(_CONFIG.value)
-    configs = []
-    for overrides in job:
-      config = base.copy_and_resolve_references()
-      for key, value in {**fixed, **overrides}.items():
-        sweep.apply_override(config, key, value)
-      configs.append(config)
+    configs = [sweep.scene_config(base, {**fixed, **overrides}) for overrides in job]
     multiscene.train_scenes(configs, _WORKDIR.value, names)
   except (ValueError, errors.InputError) as e:
     print(f"error: {errors.first_line(e)}", flush=True)

@@ -13,8 +13,9 @@ executable without trouble.
 The README's command runs the suite in two pytest-xdist workers, one test module each
 at a time (`-n 2 --dist loadfile`: a module's fixtures are built once). A toy run keeps
 about one of the two cores busy (much of a step, and all of XLA's compiling, is one
-thread), so two modules at once finish the suite sooner. Each worker has its own cache:
-two processes never write one cache entry at once.
+thread), so two modules at once finish the suite sooner. Each worker has its own cache
+(one set by the caller is replaced there), so the two workers' scripts never write one
+entry at once.
 """
 
 import atexit
@@ -36,9 +37,10 @@ jax.config.update("jax_compilation_cache_dir", None)  # read when jax was import
 
 
 # The modules that take minutes, longest first (their durations in a sequential run of
-# the suite, 2-core CPU, 2026-12-02). The two xdist workers take modules in collection
-# order, so these go first: a long module started last would leave one worker idle at
-# the end. Order only; every test still runs.
+# the suite, 2-core CPU, 2026-12-02). With --no-loadscope-reorder (the README's command)
+# the two xdist workers take modules in collection order, so these go first: a long
+# module started last would leave one worker idle at the end. (xdist's own order, most
+# tests first, puts these few-test modules last.) Order only; every test still runs.
 _LONG_MODULES = ("test_toy_e2e.py", "test_toy_zero123_e2e.py", "test_sds_family.py", "test_multihost.py",
                  "test_image_to_3d.py", "test_multiscene.py", "test_train.py", "test_gaussians_toy.py",
                  "test_gaussians_train.py", "test_bad_input.py", "test_stable_diffusion.py")

@@ -92,7 +92,8 @@ def test_resume_is_bit_exact(prior, tmp_path):
   config = tiny_config()
   train.train_and_evaluate(config, str(tmp_path / "full"))
   # Stopped after 3 of the 6 steps: the schedules that follow train.steps (densify window,
-  # means decay, t annealing; sweep.follow_steps) stay the 6-step run's, resolved first.
+  # means decay, opacity reset, t annealing; sweep.follow_steps) stay the 6-step run's,
+  # resolved first.
   first = tiny_config().copy_and_resolve_references()
   first.train.steps = 3
   assert first.gaussians.densify_until == config.gaussians.densify_until == 6

@@ -18,13 +18,13 @@ def test_an_older_runs_config_reads_in_todays_names():
   current = saved(toy.get_config())
   old = copy.deepcopy(current)
   old["field"]["blob_kind"] = "linear"  # the name of Magic3D's blob before it was corrected
-  for section, name in (("field", "progressive_start_step"), ("train", "mesh_target_faces"),
-                        ("guidance", "sample_posterior")):
+  for section, name in runs._ADDED_FIELDS:  # pylint: disable=protected-access
     del old[section][name]
   upgraded = runs.upgrade_config(old)
   assert upgraded["field"]["blob_kind"] == "magic3d"
   assert upgraded["field"]["progressive_start_step"] == 0 and upgraded["train"]["mesh_target_faces"] == 0
   assert upgraded["guidance"]["sample_posterior"] is False
+  assert upgraded["reference"]["object_size"] == 0.0  # image-to-3D runs before recentring used the image as given
   # Apart from the launch fields the old run did not have, it is today's toy config.
   import ml_collections
 

@@ -74,3 +74,17 @@ def test_overrides_are_parsed_as_the_fields_type():
     sweep.apply_override(config, "optim.nope", "1")
   with pytest.raises(ValueError, match="seed=x: not a valid int"):
     sweep.apply_override(config, "seed", "x")
+
+
+def test_a_scene_config_follows_a_train_steps_override():
+  # scripts/sweep.py builds each scene of a job this way: an override of train.steps
+  # moves the fields counted in steps (sweep.follow_steps), as --config.train.steps does.
+  from configs import toy_gaussians  # pylint: disable=g-import-not-at-top
+
+  base = toy_gaussians.get_config()
+  assert base.train.steps == 200 and base.guidance.t_anneal_steps == 200
+  config = sweep.scene_config(base, {"train.steps": "37", "prompt": "a red cube"})
+  assert config.train.steps == 37 and config.prompt == "a red cube"
+  assert config.guidance.t_anneal_steps == config.gaussians.densify_until == 37
+  assert config.optim.gaussians.means_decay_steps == 37 and config.gaussians.opacity_reset_every == 370
+  assert base.train.steps == 200 and base.guidance.t_anneal_steps == 200  # the base is untouched
