@@ -92,7 +92,7 @@ def make_conditioning(config: ml_collections.ConfigDict, guidance, gparams):
   return reference_image.image_conditioning(guidance, gparams, config.image,
                                             camera=(r.elevation_deg, r.azimuth_deg, r.radius),
                                             render_size=(config.render.height, config.render.width),
-                                            object_size=r.get("object_size", 0.0))
+                                            object_size=r.object_size)
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:

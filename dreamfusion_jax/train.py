@@ -307,8 +307,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
           f"got {ref.rgb_weight}, {ref.mask_weight}")
     check(ref.radius > 0, f"config.reference.radius must be > 0, got {ref.radius}")
     check(0 < ref.fovy_deg < 180, f"config.reference.fovy_deg must lie inside (0, 180), got {ref.fovy_deg}")
-    check(0 <= ref.get("object_size", 0.0) <= 1, f"config.reference.object_size must lie in [0, 1] (0: the image "
-          f"as it is), got {ref.get('object_size', 0.0)}")
+    check(0 <= ref.object_size <= 1, f"config.reference.object_size must lie in [0, 1] (0: the image as it is), "
+          f"got {ref.object_size}")
     check(-90 <= ref.elevation_deg <= 90, f"config.reference.elevation_deg must lie in [-90, 90], got "
           f"{ref.elevation_deg}")
     check(config.guidance.method == "sds", f"config.guidance.method={config.guidance.method!r}: image-to-3D "
