@@ -258,8 +258,8 @@ class TorchReference:
     import diffusers  # pylint: disable=g-import-not-at-top
     import transformers  # pylint: disable=g-import-not-at-top
 
-    from dreamfusion_jax.guidance import sds  # pylint: disable=g-import-not-at-top
-    from dreamfusion_jax.guidance import stable_diffusion as sd  # pylint: disable=g-import-not-at-top
+    from dreamfusion_jax.guidance import diffusion  # pylint: disable=g-import-not-at-top
+    from dreamfusion_jax.guidance.priors import stable_diffusion as sd  # pylint: disable=g-import-not-at-top
 
     self.num_threads = num_threads or len(os.sched_getaffinity(0))
     torch.set_num_threads(self.num_threads)
@@ -292,7 +292,7 @@ class TorchReference:
         self.tokenizer = transformers.CLIPTokenizer.from_pretrained(d)
     for model in (self.unet, self.vae, self.text_encoder):
       model.eval().requires_grad_(False)
-    self.alphas_cumprod = torch.from_numpy(sds.ddpm_alphas_cumprod(
+    self.alphas_cumprod = torch.from_numpy(diffusion.ddpm_alphas_cumprod(
         beta_start=scheduler.get("beta_start", 0.0001), beta_end=scheduler.get("beta_end", 0.02),
         beta_schedule=scheduler.get("beta_schedule", "linear"),
         num_train_timesteps=scheduler.get("num_train_timesteps", 1000)))

@@ -38,6 +38,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
 
   # The 2D prior (dreamfusion_jax.guidance).
   g = c.guidance = ml_collections.ConfigDict()
+  g.prior = "stable_diffusion"  # the prior's module in dreamfusion_jax/guidance/priors/
   g.model = "stabilityai/stable-diffusion-2-1-base"  # hub id (from the local cache) or directory
   g.dtype = "float32"  # or "bfloat16" for the frozen weights and activations
   g.negative_prompt = ""

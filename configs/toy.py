@@ -92,9 +92,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     t.steps = 150
     t.eval_every = t.ckpt_every = 150
     t.render_video = t.export_mesh = False
-  elif variant in ("csd", "ism"):  # the SDS family's members (dreamfusion_jax/guidance/csd.py, ism.py)
+  elif variant in ("csd", "ism"):  # the SDS family's members (dreamfusion_jax/guidance/methods/csd.py, ism.py)
     g.method = variant
-  elif variant == "vsd":  # guidance/vsd.py
+  elif variant == "vsd":  # guidance/methods/vsd.py
     g.method = variant
     # The guidance scale stays SDS's 20: the paper's 7.5 (against SD's SDS at 100) left
     # "a red cube" (seed 0) nearly empty under this config's sparsity weight (silhouette

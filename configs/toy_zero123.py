@@ -29,6 +29,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   else:
     c = sweep.load_sibling_config(__file__, "toy").get_config(variant)
   g = c.guidance
+  g.prior = "zero123"
   g.model = str(toy_zero123.PRIOR_DIR)
   g.guidance_scale = toy_zero123.GUIDANCE_SCALE
   g.view_dependent = False

@@ -26,6 +26,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.prompt = "the input image"  # names the run; the image is the condition
   c.image = ""  # required: --config.image=PATH
   g = c.guidance
+  g.prior = "zero123"
   g.model = "kxic/zero123-xl-diffusers"
   g.guidance_scale = 3.0
   g.image_size = 256  # Zero-1-to-3 was trained at 256x256 (32x32 latents)

@@ -127,7 +127,7 @@ def scene_values(configs: Sequence[ml_collections.ConfigDict]) -> dict[str, np.n
           for field, (key, fn) in _SCENE_VALUES.items() if field in differ}
 
 
-def make_scene_step(scene, guidance, settings, tx, devices) -> Any:
+def make_scene_step(scene, guidance, method, settings, tx, devices) -> Any:
   """`train.train_step` vmapped over the scene axis of (state, embeddings, key,
   scene_values), guidance parameters and the step counter shared, pmapped over
   `devices`; the state is donated.
@@ -136,7 +136,8 @@ def make_scene_step(scene, guidance, settings, tx, devices) -> Any:
   params (d, ...), embeddings (d, n, ...), keys (d, n, 2), scene values {key: (d, n)}.
   Returns the new state and metrics (d, n).
   """
-  step = functools.partial(train_lib.train_step, scene=scene, guidance=guidance, settings=settings, tx=tx,
+  step = functools.partial(train_lib.train_step, scene=scene, guidance=guidance, method=method, settings=settings,
+                           tx=tx,
                            axis_name=None)
   per_device = jax.vmap(lambda s, g, e, k, v: step(s, g, e, k, scene_values=v), in_axes=(_STATE_AXES, None, 0, 0, 0),
                         out_axes=(_STATE_AXES, 0))
@@ -176,7 +177,8 @@ def build_job(configs: Sequence[ml_collections.ConfigDict], parts: Sequence[runs
           shard_scenes(stack([jax.device_get(p.embeddings) for p in parts]), devices),
           shard_scenes(stack([jax.device_get(p.base_key) for p in parts]), devices),
           shard_scenes(scene_values(configs), devices))
-  return Job(devices, make_scene_step(parts[0].scene, parts[0].guidance, settings, parts[0].tx, devices), args)
+  return Job(devices, make_scene_step(parts[0].scene, parts[0].guidance, parts[0].method, settings, parts[0].tx,
+                                     devices), args)
 
 
 @dataclasses.dataclass

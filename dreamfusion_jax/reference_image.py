@@ -49,6 +49,10 @@ class ReferenceConditioning:
   rgb: Array
   mask: Array
 
+  def for_views(self, cameras, buckets: Array, perp_neg: bool = False):
+    """The views' conditioning object: the prior's (its `ImageConditioning.for_views`)."""
+    return self.guidance.for_views(cameras, buckets, perp_neg)
+
 
 def read_image(path: str | os.PathLike, object_size: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
   """The image at `path` as (rgb (S, S, 3), mask (S, S)), float32 in [0, 1]: as it is
@@ -133,7 +137,7 @@ def image_conditioning(guidance, params, path: str | os.PathLike, *, camera: tup
   """Reads the input image and encodes it for the run.
 
   Args:
-    guidance, params: a loaded Zero-1-to-3 (guidance/zero123.py).
+    guidance, params: a loaded Zero-1-to-3 (guidance/priors/zero123.py).
     camera: (elevation_deg, azimuth_deg, radius) of the view the image was taken from.
     render_size: (H, W) of the training renders (square).
     object_size: 0 (the image as it is) or the recentred object's size (read_image).

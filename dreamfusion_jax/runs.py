@@ -11,16 +11,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pathlib
 import sys
 from typing import Any, Optional
 
 import jax
 import ml_collections
 
-from dreamfusion_jax import errors, files
+from dreamfusion_jax import errors, files, reference_image
 from dreamfusion_jax import scene as scene_lib
 from dreamfusion_jax import state as state_lib
-from dreamfusion_jax.guidance import prompts as prompts_lib
+from dreamfusion_jax.guidance import methods, priors, prompts as prompts_lib
+from dreamfusion_jax.guidance import settings as guidance_settings
 
 Array = jax.Array
 CONFIG_FILE = "config.json"
@@ -33,6 +35,7 @@ class RunParts:
 
   Attributes:
     guidance, guidance_params: the frozen 2D prior and its weights.
+    method: the distillation method's module (guidance/methods/).
     embeddings: PromptEmbeddings of the config's prompt per view bucket.
     scene: the scene (field + background + render settings).
     tx: the optax optimiser.
@@ -43,7 +46,8 @@ class RunParts:
   config: ml_collections.ConfigDict
   guidance: Any
   guidance_params: Any
-  embeddings: prompts_lib.PromptEmbeddings
+  method: Any
+  embeddings: Any
   scene: scene_lib.Scene
   tx: Any
   state: state_lib.TrainState
@@ -55,39 +59,39 @@ def setup_run(config: ml_collections.ConfigDict, *, guidance_and_params=None) ->
 
   Args:
     config: a full experiment config (configs/dreamfusion.py).
-    guidance_and_params: an already loaded (guidance, params); default: load
-      `config.guidance` with `guidance.from_config` (the prior first, so a missing
-      model fails before anything compiles).
+    guidance_and_params: an already loaded (prior, params); default: the prior module
+      `config.guidance.prior` loads `config.guidance.model` (the prior first, so a
+      missing model fails before anything compiles).
   """
+  method = methods.get(config.guidance.method)
   if guidance_and_params is None:
-    from dreamfusion_jax import guidance as guidance_lib  # loads diffusers: only when a run is built
-
-    guidance_and_params = guidance_lib.from_config(config.guidance)
+    guidance_and_params = priors.get(config.guidance.prior).from_config(config.guidance)
   guidance, gparams = guidance_and_params
   embeddings = make_conditioning(config, guidance, gparams)
   scene = scene_lib.build_scene(config)
-  tx = state_lib.make_optimizer(config.optim, config.train.steps, state_lib.guidance_lr(config))
-  state = state_lib.create_train_state(scene, tx, state_lib.init_key(config.seed),
-                                       guidance.init_trainable(gparams, state_lib.guidance_init_key(config.seed)))
-  return RunParts(config=config, guidance=guidance, guidance_params=gparams, embeddings=embeddings, scene=scene,
-                  tx=tx, state=state, base_key=state_lib.base_key(config.seed))
+  tx = state_lib.make_optimizer(config.optim, config.train.steps, method.state_learning_rate(guidance.settings))
+  state = state_lib.create_train_state(
+      scene, tx, state_lib.init_key(config.seed),
+      method.init_state(gparams, state_lib.guidance_init_key(config.seed), guidance.settings))
+  return RunParts(config=config, guidance=guidance, guidance_params=gparams, method=method, embeddings=embeddings,
+                  scene=scene, tx=tx, state=state, base_key=state_lib.base_key(config.seed))
 
 
 def make_conditioning(config: ml_collections.ConfigDict, guidance, gparams):
   """What the guidance conditions on, encoded once: the prompt's embeddings per view
   bucket, or for image-to-3D (config.image) the input image
   (reference_image.ReferenceConditioning)."""
+  conditions_on = priors.get(config.guidance.prior).CONDITIONS_ON
   if not config.get("image"):
-    if hasattr(guidance, "encode_image"):
+    if conditions_on == "image":
       raise errors.InputError(f"config.guidance.model={config.guidance.model!r} is an image-conditioned prior "
                               "(Zero-1-to-3): pass the input image, --config.image=PATH")
     return prompts_lib.make_prompt_embeddings(guidance, gparams, config.prompt, config.guidance.negative_prompt,
                                               config.guidance.view_dependent)
-  from dreamfusion_jax import reference_image  # pylint: disable=g-import-not-at-top
-
-  if not hasattr(guidance, "encode_image"):
-    raise errors.InputError(f"--config.image needs an image-conditioned prior (Zero-1-to-3): "
-                            f"config.guidance.model={config.guidance.model!r} is a text-to-image model")
+  if conditions_on != "image":
+    raise errors.InputError(f"--config.image needs an image-conditioned prior (Zero-1-to-3, "
+                            f"config.guidance.prior='zero123'): config.guidance.model={config.guidance.model!r} is a "
+                            f"text-to-image model")
   r = config.reference
   return reference_image.image_conditioning(guidance, gparams, config.image,
                                             camera=(r.elevation_deg, r.azimuth_deg, r.radius),
@@ -112,6 +116,8 @@ _ADDED_FIELDS = {("field", "progressive_start_step"): 0, ("train", "mesh_target_
                  ("guidance", "ism_delta_t"): 50, ("guidance", "ism_inv_steps"): 5, ("guidance", "perp_neg"): False,
                  ("guidance", "vsd_lora_rank"): 4, ("guidance", "vsd_lr"): 1e-4,
                  ("guidance", "weight"): 1.0, ("reference", "object_size"): 0.0}
+# Where a run was written before config.guidance.prior: Zero-1-to-3 where it had an image.
+_PRIOR_OF_OLD_RUNS = {True: "zero123", False: "stable_diffusion"}
 
 
 def upgrade_config(saved: dict) -> dict:
@@ -127,7 +133,22 @@ def upgrade_config(saved: dict) -> dict:
   for (section, name), value in _ADDED_FIELDS.items():
     if section in saved:
       saved[section].setdefault(name, value)
+  if "guidance" in saved:
+    saved["guidance"].setdefault("prior", _PRIOR_OF_OLD_RUNS[bool(saved["image"])])
+    saved["guidance"]["model"] = _moved_asset(saved["guidance"].get("model", ""))
   return saved
+
+
+def _moved_asset(model: str) -> str:
+  """An embedded prior's directory as this checkout has it: a run's config holds the
+  absolute path of the checkout that wrote it, which may have moved or be another
+  machine's; a path that no longer exists and names one of the package's assets
+  (".../dreamfusion_jax/assets/<name>") is mapped to this package's copy."""
+  path = pathlib.PurePath(model)
+  if not path.is_absolute() or os.path.exists(model) or path.parts[-3:-1] != ("dreamfusion_jax", "assets"):
+    return model
+  here = pathlib.Path(__file__).resolve().parent / "assets" / path.name
+  return str(here) if here.is_dir() else model
 
 
 def check_run_dir(workdir: str, step: Optional[int] = None) -> list[int]:
@@ -151,18 +172,18 @@ def check_run_dir(workdir: str, step: Optional[int] = None) -> list[int]:
   return steps
 
 
-def _guidance_trainable_shapes(config: ml_collections.ConfigDict):
-  """key -> the guidance's own parameters (VSD's LoRA) built from the model's UNet
+def _method_state_shapes(config: ml_collections.ConfigDict, method, settings):
+  """key -> the method's own trainable state (VSD's LoRA) built from the model's UNet
   config alone (no weights read), for a checkpoint's template; key -> None for the
-  methods without any."""
-  if config.guidance.get("method", "sds") != "vsd":
+  methods without any (no state learning rate)."""
+  if method.state_learning_rate(settings) is None:
     return lambda key: None
-  from dreamfusion_jax.guidance import pipeline_dir, sd_models, vsd  # diffusers: only for a VSD run
+  from dreamfusion_jax.guidance import pipeline_dir, sd_models  # diffusers: only for a method with state
 
   root = pipeline_dir.resolve_model_dir(config.guidance.model)
   _, unet_shapes = sd_models.unet_from_config(pipeline_dir.read_json(root / "unet" / "config.json"))
   unet_shapes = unet_shapes.get("params", unet_shapes)
-  return lambda key: vsd.init(key, unet_shapes, config.guidance.vsd_lora_rank)
+  return lambda key: method.init_state({"unet": unet_shapes}, key, settings)
 
 
 def restore_scene(workdir: str, step: Optional[int] = None) -> tuple[ml_collections.ConfigDict, scene_lib.Scene,
@@ -180,8 +201,9 @@ def restore_scene(workdir: str, step: Optional[int] = None) -> tuple[ml_collecti
   check_run_dir(workdir, step)
   config = load_config(workdir)
   scene = scene_lib.build_scene(config)
-  tx = state_lib.make_optimizer(config.optim, config.train.steps, state_lib.guidance_lr(config))
-  init_trainable = _guidance_trainable_shapes(config)
+  method, settings = methods.get(config.guidance.method), guidance_settings.settings_from_config(config.guidance)
+  tx = state_lib.make_optimizer(config.optim, config.train.steps, method.state_learning_rate(settings))
+  init_trainable = _method_state_shapes(config, method, settings)
   key = jax.random.PRNGKey(0)
   template = jax.eval_shape(lambda: state_lib.create_train_state(scene, tx, key, init_trainable(key)))
   checkpointer = checkpoints.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR),

@@ -26,7 +26,7 @@ class TrainState:
   Attributes:
     step: int32 scalar, number of steps taken (skipped ones included).
     params: {"field": ..., "background": ...}, and "guidance": the guidance method's
-      own trainable parameters where it has some (VSD's LoRA; `guidance.init_trainable`).
+      own trainable parameters where it has some (VSD's LoRA; the method's `init_state`).
     opt_state: optax state.
     num_skipped: int32 scalar, steps whose loss or gradient was not finite.
   """
@@ -43,7 +43,7 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int,
   rates for the field and the background, optional global-norm clipping and schedule.
 
   guidance_lr: the learning rate of a third group "guidance" (the guidance method's own
-  parameters, see TrainState), or None where there is none (`guidance_lr(config)`).
+  parameters, see TrainState), or None where there is none (the method's `state_learning_rate`).
   The clipping, where on, is over every group's gradients together.
 
   With `optim.gaussians` (a Gaussian scene, gaussians/scene.py), each Gaussian
@@ -91,17 +91,10 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int,
   return tx
 
 
-def guidance_lr(config: ml_collections.ConfigDict) -> float | None:
-  """The learning rate of the guidance's own parameters: VSD's LoRA (guidance.vsd_lr),
-  None for the methods that have none."""
-  g = config.guidance
-  return float(g.vsd_lr) if g.get("method", "sds") == "vsd" else None
-
-
 def create_train_state(scene: scene_lib.Scene, tx: optax.GradientTransformation, key: Array,
                        guidance_trainable: Any = None) -> TrainState:
   """The state at step 0: the scene initialised from `key`, and the guidance's own
-  parameters where it has some (`guidance.init_trainable`; None: none)."""
+  parameters where it has some (the method's `init_state`; None: none)."""
   params = scene.init(key)
   if guidance_trainable is not None:
     params = {**params, "guidance": guidance_trainable}

@@ -203,11 +203,11 @@ def sample_prompt_ids(key: Array, table_ids: Array, empty_ids: Array, objects: A
 def make_train_step(guidance, tx, *, uncond_prob: float = 0.1, view_prob: float = 0.5, ema_decay: float = 0.999):
   """Pure (state, alphas_cumprod, table, batch, key) -> (state, loss): the DDPM epsilon
   objective ||eps - eps_theta(sqrt(abar) x0 + sqrt(1 - abar) eps, t, text)||^2."""
-  from dreamfusion_jax.guidance import sds
+  from dreamfusion_jax.guidance import diffusion
 
   def loss_fn(params, abar, x0, ids, t, noise):
     text = guidance.text_encoder(ids, params=params["text_encoder"])[0]
-    noisy = sds.add_noise(abar, x0, noise, t)
+    noisy = diffusion.add_noise(abar, x0, noise, t)
     out = guidance.unet.apply({"params": params["unet"]}, jnp.transpose(noisy, (0, 3, 1, 2)), t, text).sample
     return jnp.mean((jnp.transpose(out, (0, 2, 3, 1)) - noise) ** 2)
 
@@ -255,7 +255,8 @@ def conditioning_gaps(guidance, params, images: np.ndarray, objects: np.ndarray,
     {"shape", "color", "text"}: gaps averaged over `timesteps`, and "by_t":
     {t: {"shape", "color", "text"}}.
   """
-  from dreamfusion_jax.guidance import sds, stable_diffusion  # pylint: disable=g-import-not-at-top
+  from dreamfusion_jax.guidance import diffusion
+  from dreamfusion_jax.guidance.priors import stable_diffusion  # pylint: disable=g-import-not-at-top
 
   objs = toy_world.all_prompts()
   n_shapes, n_colors = len(toy_world.SHAPES), len(toy_world.COLOR_NAMES)
@@ -277,7 +278,7 @@ def conditioning_gaps(guidance, params, images: np.ndarray, objects: np.ndarray,
   @jax.jit
   def mse(t, noise, text):
     tt = jnp.full((x0.shape[0],), t, jnp.int32)
-    eps = stable_diffusion.predict_noise(guidance, params, sds.add_noise(abar, x0, noise, tt), tt, text)
+    eps = stable_diffusion.predict_noise(guidance, params, diffusion.add_noise(abar, x0, noise, tt), tt, text)
     return jnp.mean((eps - noise) ** 2)
 
   by_t = {}
@@ -321,7 +322,7 @@ def unfinished_reason(prior_dir: pathlib.Path, name: str = "toy prior") -> str |
 
 def load(path: str | os.PathLike = PRIOR_DIR, **settings):
   """The prior as a guidance: (StableDiffusionGuidance, params), pixel space."""
-  from dreamfusion_jax.guidance import stable_diffusion  # pylint: disable=g-import-not-at-top
+  from dreamfusion_jax.guidance.priors import stable_diffusion  # pylint: disable=g-import-not-at-top
 
   return stable_diffusion.load_stable_diffusion(
       str(path), settings=stable_diffusion.SDSSettings(image_size=IMAGE_SIZE, **settings))
@@ -330,13 +331,13 @@ def load(path: str | os.PathLike = PRIOR_DIR, **settings):
 def sample_images(guidance, params, prompts: list[str], key: Array, *, num_steps: int = 20,
                   guidance_scale: float = 7.5) -> np.ndarray:
   """DDIM samples, one per prompt: (N, IMAGE_SIZE, IMAGE_SIZE, 3) in [0, 1]."""
-  from dreamfusion_jax.guidance import stable_diffusion  # pylint: disable=g-import-not-at-top
+  from dreamfusion_jax.guidance import conditioning  # pylint: disable=g-import-not-at-top
 
   emb = guidance.encode_prompts(params, list(prompts) + [""])
-  cond, uncond = emb[:-1], jnp.broadcast_to(emb[-1], emb[:-1].shape)
-  sample = jax.jit(lambda p, c, u, k: stable_diffusion.ddim_sample(guidance, p, c, u, k, num_steps=num_steps,
-                                                                   guidance_scale=guidance_scale))
-  return np.asarray(sample(params, cond, uncond, key))
+  cond = conditioning.TextPair(cond=emb[:-1], uncond=jnp.broadcast_to(emb[-1], emb[:-1].shape))
+  sample = jax.jit(lambda p, c, k: conditioning.sample(guidance, p, c, k, num_steps=num_steps,
+                                                        guidance_scale=guidance_scale))
+  return np.asarray(sample(params, cond, key))
 
 
 def save_sample_grid(guidance, params, path: str, *, seed: int = 0, per_prompt: int = 2) -> np.ndarray:

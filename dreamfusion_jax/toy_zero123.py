@@ -1,6 +1,6 @@
 """The embedded view-conditioned prior: a small pixel-space Zero-1-to-3 of the toy world.
 
-The same model as guidance/zero123.py loads for the released Zero-1-to-3 weights, at
+The same model as guidance/priors/zero123.py loads for the released Zero-1-to-3 weights, at
 the toy prior's scale (toy_prior.py) and in pixel space: a UNet on [noisy target
 view, input view] (6 channels, 32x32), cross-attention to cc_projection([CLIP image
 embedding of the input view, T]) with T the relative camera (zero123.relative_camera)
@@ -62,7 +62,8 @@ def init_params(seed: int, unet_from: str | os.PathLike | None = None) -> dict:
   view's new input channels of conv_in zero (expand_conv_in). The image encoder and
   cc_projection stay random (the text prior has neither).
   """
-  from dreamfusion_jax.guidance import sd_models, zero123  # pylint: disable=g-import-not-at-top
+  from dreamfusion_jax.guidance import sd_models
+  from dreamfusion_jax.guidance.priors import zero123  # pylint: disable=g-import-not-at-top
 
   _, unet_shapes = sd_models.unet_from_config(UNET_CONFIG)
   _, encoder_shapes = sd_models.image_encoder_from_config(IMAGE_ENCODER_CONFIG)
@@ -100,7 +101,7 @@ def text_prior_unet(path: str | os.PathLike, unet_shapes) -> dict:
 
 def write_prior_dir(path: str | os.PathLike, params: dict, training_state: dict | None = None) -> pathlib.Path:
   """Writes the params as a pixel-space Zero-1-to-3 directory, atomically."""
-  from dreamfusion_jax.guidance import zero123  # pylint: disable=g-import-not-at-top
+  from dreamfusion_jax.guidance.priors import zero123  # pylint: disable=g-import-not-at-top
 
   def write(tmp):
     zero123.write_zero123_dir(tmp, params, fmt="flax", unet_config=UNET_CONFIG, vae_config=None,
@@ -115,7 +116,7 @@ def write_prior_dir(path: str | os.PathLike, params: dict, training_state: dict 
 
 def load(path: str | os.PathLike = PRIOR_DIR, **settings):
   """The prior as a guidance: (Zero123Guidance, params)."""
-  from dreamfusion_jax.guidance import stable_diffusion, zero123  # pylint: disable=g-import-not-at-top
+  from dreamfusion_jax.guidance.priors import stable_diffusion, zero123  # pylint: disable=g-import-not-at-top
 
   settings = {"guidance_scale": GUIDANCE_SCALE, **settings}
   return zero123.load_zero123(str(path), settings=stable_diffusion.SDSSettings(image_size=IMAGE_SIZE, **settings))
@@ -131,7 +132,7 @@ def sample_pairs(rng: np.random.Generator, num_images: int, per_object: int, bat
 
 def pair_cameras(data: dict, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
   """(B, 4) zero123.relative_camera of views dst seen from views src."""
-  from dreamfusion_jax.guidance import zero123  # pylint: disable=g-import-not-at-top
+  from dreamfusion_jax.guidance.priors import zero123  # pylint: disable=g-import-not-at-top
 
   cam = lambda i: [data[k][i] for k in toy_prior.CAMERA_FIELDS]
   return np.asarray(zero123.relative_camera(*cam(dst), *cam(src)))
@@ -141,11 +142,12 @@ def denoising_loss(guidance, params, abar: Array, x_in: Array, x_target: Array, 
                    t: Array, noise: Array) -> Array:
   """||eps - eps_theta(z_t; x_in, T)||^2 with images in [-1, 1] (B, S, S, 3), camera
   (B, 4), keep (B,) 0 where the classifier-free dropout zeroes the conditioning."""
-  from dreamfusion_jax.guidance import sds, zero123  # pylint: disable=g-import-not-at-top
+  from dreamfusion_jax.guidance import diffusion  # pylint: disable=g-import-not-at-top
+  from dreamfusion_jax.guidance.priors import zero123  # pylint: disable=g-import-not-at-top
 
   emb = zero123.image_embedding(guidance, params, x_in * 0.5 + 0.5)
   ctx = zero123.context(params, emb, camera) * keep[:, None, None]
-  noisy = sds.add_noise(abar, x_target, noise, t)
+  noisy = diffusion.add_noise(abar, x_target, noise, t)
   eps = zero123.predict_noise(guidance, params, noisy, t, ctx, x_in * keep[:, None, None, None])
   return jnp.mean((eps - noise) ** 2)
 
@@ -232,16 +234,19 @@ def novel_views(guidance, params, image: np.ndarray, camera: tuple, targets: np.
   """DDIM samples of one input view (S, S, 3) in [0, 1] seen from `camera`
   (elevation_deg, azimuth_deg, radius), at target cameras (N, 3) in the same units.
   Returns (N, S, S, 3) in [0, 1]."""
-  from dreamfusion_jax.guidance import zero123  # pylint: disable=g-import-not-at-top
+  from dreamfusion_jax.guidance import conditioning  # pylint: disable=g-import-not-at-top
+  from dreamfusion_jax.guidance.priors import zero123  # pylint: disable=g-import-not-at-top
 
   cond = guidance.encode_image(params, jnp.asarray(image, jnp.float32), camera)
   targets = jnp.asarray(targets, jnp.float32)
   n = targets.shape[0]
-  batch = {"embedding": jnp.broadcast_to(cond.embedding, (n,) + cond.embedding.shape),
-           "latents": jnp.broadcast_to(cond.latents, (n,) + cond.latents.shape),
-           "camera": zero123.relative_camera(targets[:, 0], targets[:, 1], targets[:, 2], *cond.camera)}
-  sample = jax.jit(lambda p, c, k: zero123.ddim_sample(guidance, p, c, k, num_steps=num_steps,
-                                                       guidance_scale=guidance.settings.guidance_scale))
+  batch = conditioning.ImageView(
+      embedding=jnp.broadcast_to(cond.embedding, (n,) + cond.embedding.shape),
+      latents=jnp.broadcast_to(cond.latents, (n,) + cond.latents.shape),
+      camera=zero123.relative_camera(targets[:, 0], targets[:, 1], targets[:, 2], *cond.camera),
+      keep=jnp.ones((n,), jnp.float32))
+  sample = jax.jit(lambda p, c, k: conditioning.sample(guidance, p, c, k, num_steps=num_steps,
+                                                        guidance_scale=guidance.settings.guidance_scale))
   return np.asarray(sample(params, batch, key))
 
 

@@ -26,8 +26,7 @@ import optax
 
 from dreamfusion_jax import cameras as cameras_lib
 from dreamfusion_jax import checkpoints, distributed, errors, fields, losses, reference_image, render, runs
-from dreamfusion_jax.guidance import prompts as prompts_lib
-from dreamfusion_jax.guidance import sds as sds_lib
+from dreamfusion_jax.guidance import diffusion, distill, methods, priors
 from dreamfusion_jax import scene as scene_lib
 from dreamfusion_jax.state import TrainState
 
@@ -102,16 +101,6 @@ def _reference_settings(config: ml_collections.ConfigDict) -> dict:
           "reference_weights": (r.rgb_weight, r.mask_weight)}
 
 
-def select_conditioning(guidance, conditioning, cams: cameras_lib.Cameras, buckets: Array,
-                        perp_neg: bool) -> tuple[Any, Any]:
-  """The guidance's per-view conditioning: the prompt's embeddings per view bucket
-  (prompts.select_conditioning), or for image-to-3D the input image and each view's
-  camera relative to it (Zero123Guidance.select_conditioning)."""
-  if isinstance(conditioning, reference_image.ReferenceConditioning):
-    return guidance.select_conditioning(conditioning.guidance, cams, buckets, perp_neg)
-  return prompts_lib.select_conditioning(conditioning, buckets, cams.azimuth_deg, perp_neg)
-
-
 def reference_view_losses(scene, params: dict, reference: reference_image.ReferenceConditioning, key: Array, *,
                           settings: StepSettings, level_mask: Optional[Array]) -> dict:
   """Renders the input image's view (albedo, a random solid background) and returns
@@ -176,6 +165,7 @@ def train_step(
     *,
     scene: scene_lib.Scene,
     guidance: Any,
+    method: Any,
     settings: StepSettings,
     tx: optax.GradientTransformation,
     axis_name: Optional[str] = AXIS,
@@ -186,9 +176,10 @@ def train_step(
   Args:
     state: the scene's TrainState.
     guidance_params: frozen parameters of the 2D prior (an argument, never a constant).
-    prompt_embeddings: PromptEmbeddings, the text embeddings per view bucket.
+    prompt_embeddings: the run's conditioning (PromptEmbeddings per view bucket, or
+      image-to-3D's ReferenceConditioning); `for_views` gives the views' conditioning.
     base_key: the run's PRNG key; this step's key is fold_in(base_key, state.step).
-    scene, guidance, settings, tx: static.
+    scene, guidance (the prior), method (the method's module), settings, tx: static.
     axis_name: pmap axis to average over, or None when not mapped.
     scene_values: a multi-scene job's per-scene numbers (multiscene.py), traced
       scalars replacing the static settings: "lr_scale" (the field's updates are
@@ -212,12 +203,11 @@ def train_step(
   buckets = cameras_lib.view_bucket(cams.azimuth_deg, cams.elevation_deg, **dict(settings.bucket_kwargs))
   t_range = jnp.stack([jnp.asarray(settings.t_min, jnp.float32),
                        _anneal(step, settings.t_max, settings.t_max_end, settings.t_anneal_steps)])
-  cond, uncond = select_conditioning(guidance, prompt_embeddings, cams, buckets, settings.perp_neg)
+  cond = prompt_embeddings.for_views(cams, buckets, settings.perp_neg)
   level_mask = scene.level_mask(step)
   values = scene_values or {}
   weights = {name: losses.ramped_weight(step, values.get(name, getattr(settings, name)[0]), getattr(settings, name)[1])
              for name in ("orientation", "opacity", "entropy")}
-  guidance_kwargs = {"guidance_scale": values["guidance_scale"]} if "guidance_scale" in values else {}
 
   # Zeros whose gradient is each view's screen-space positional gradient (Gaussians'
   # densification); None for a NeRF.
@@ -231,9 +221,9 @@ def train_step(
         level_mask=level_mask, screen_probes=probes)
     # The guidance method's own parameters (VSD's LoRA), if any, are trained by the same
     # gradient: its loss reaches only them, the surrogate only the scene.
-    guidance_loss, guidance_metrics = guidance.loss(guidance_params, out["rgb"], cond, uncond,
-                                                    views["guidance_keys"], t_range, trainable=params.get("guidance"),
-                                                    c2w=cameras_lib.pose_matrices(cams), **guidance_kwargs)
+    guidance_loss, guidance_metrics = distill.loss(guidance, method, guidance_params, out["rgb"], cond,
+                                                   views["guidance_keys"], t_range, scale=values.get("guidance_scale"),
+                                                   state=params.get("guidance"), c2w=cameras_lib.pose_matrices(cams))
     regularizers = {"orientation": jnp.mean(out["orientation"]),
                     "opacity": jnp.mean(out["opacity_sparsity"]),
                     "entropy": jnp.mean(out["opacity_entropy"])}
@@ -275,10 +265,10 @@ def train_step(
   return new_state, metrics
 
 
-def make_pmapped_step(scene, guidance, settings, tx, devices=None) -> Callable:
+def make_pmapped_step(scene, guidance, method, settings, tx, devices=None) -> Callable:
   """The train step pmapped over `devices` (default: all local ones): every argument
   carries a leading device axis (see `replicate`); the state is donated."""
-  step_fn = functools.partial(train_step, scene=scene, guidance=guidance, settings=settings, tx=tx,
+  step_fn = functools.partial(train_step, scene=scene, guidance=guidance, method=method, settings=settings, tx=tx,
                               axis_name=AXIS)
   return jax.pmap(step_fn, axis_name=AXIS, donate_argnums=(0,), devices=devices)
 
@@ -311,8 +301,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
           f"got {ref.object_size}")
     check(-90 <= ref.elevation_deg <= 90, f"config.reference.elevation_deg must lie in [-90, 90], got "
           f"{ref.elevation_deg}")
-    check(config.guidance.method == "sds", f"config.guidance.method={config.guidance.method!r}: image-to-3D "
-          "(Zero-1-to-3) implements sds only")
     check(not config.guidance.perp_neg, "config.guidance.perp_neg needs a text prompt's views; image-to-3D conditions "
           "on the camera itself")
   for name in ("height", "width", "num_samples"):
@@ -329,10 +317,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   check(g.t_min < g.t_max_end <= 1.0, f"config.guidance.t_max_end must be in (t_min, 1], got {g.t_max_end}")
   check(g.guidance_scale >= 0, f"config.guidance.guidance_scale must be >= 0, got {g.guidance_scale}")
   check(g.get("weight", 1.0) >= 0, f"config.guidance.weight must be >= 0, got {g.get('weight')}")
-  check(g.method in sds_lib.METHODS,
-        f"config.guidance.method must be one of {', '.join(sds_lib.METHODS)}, got {g.method!r}")
-  check(g.weighting in sds_lib.WEIGHTINGS,
-        f"config.guidance.weighting must be one of {', '.join(sds_lib.WEIGHTINGS)}, got {g.weighting!r}")
+  check(methods.exists(g.method), f"config.guidance.method must be one of {', '.join(methods.names())} (or a "
+        f"dotted module path), got {g.method!r}")
+  check(priors.exists(g.prior), f"config.guidance.prior must be one of {', '.join(priors.names())} (or a dotted "
+        f"module path), got {g.prior!r}")
+  check(g.weighting in diffusion.WEIGHTINGS,
+        f"config.guidance.weighting must be one of {', '.join(diffusion.WEIGHTINGS)}, got {g.weighting!r}")
   check(not g.perp_neg or g.view_dependent, "config.guidance.perp_neg needs config.guidance.view_dependent=True "
         "(its negatives are the other views' prompts)")
   check(g.ism_delta_t >= 0 and g.ism_inv_steps >= 1, f"config.guidance.ism_delta_t must be >= 0 and "
@@ -501,7 +491,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   p_state = replicate(state, devices)
   p_guidance_params, p_embeddings, p_key = (replicate(run.guidance_params, devices),
                                             replicate(run.embeddings, devices), replicate(run.base_key, devices))
-  p_step = make_pmapped_step(scene, run.guidance, settings, tx)
+  p_step = make_pmapped_step(scene, run.guidance, run.method, settings, tx)
   eval_render = visualize.make_eval_renderer(scene, height=config.train.eval_height,
                                              width=config.train.eval_width, chunk_size=config.render.eval_chunk)
   eval_cams = visualize.eval_cameras(config)

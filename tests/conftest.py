@@ -42,7 +42,7 @@ jax.config.update("jax_compilation_cache_dir", None)  # read when jax was import
 # module started last would leave one worker idle at the end. (xdist's own order, most
 # tests first, puts these few-test modules last.) Order only; every test still runs.
 _LONG_MODULES = ("test_step0_residuals.py", "test_step0_trajectories.py", "test_toy_e2e.py", "test_step0_old_runs.py",
-                 "test_toy_zero123_e2e.py", "test_sds_family.py", "test_multihost.py", "test_image_to_3d.py", "test_multiscene.py", "test_train.py", "test_gaussians_toy.py",
+                 "test_toy_zero123_e2e.py", "test_sds_family.py", "test_guidance_members.py", "test_multihost.py", "test_image_to_3d.py", "test_multiscene.py", "test_train.py", "test_gaussians_toy.py",
                  "test_gaussians_train.py", "test_bad_input.py", "test_stable_diffusion.py")
 
 

@@ -156,7 +156,8 @@ def test_bad_image_input_is_one_line_and_creates_nothing(tiny_sd, tmp_path):
 
 @pytest.mark.parametrize("extra, needles", [
     ([], ["toy_zero123", "--config.image=PATH"]),  # a Zero-1-to-3 model without an image
-    (["--config.guidance.method=csd"], ["method='csd'", "sds only"]),
+    (["--config.guidance.method=csdd"], ["config.guidance.method", "csdd", "sds"]),
+    (["--config.guidance.prior=stable_diffusion"], ["is a Zero-1-to-3 checkpoint", "prior='zero123'"]),
     (["--config.guidance.perp_neg=True"], ["perp_neg", "camera itself"]),
     (["--config.reference.object_size=1.5"], ["config.reference.object_size", "[0, 1]", "1.5"]),
 ])

@@ -13,7 +13,8 @@ import pytest
 
 from configs import dreamfusion
 from dreamfusion_jax import benchmark, cameras, render, scene as scene_lib, state as state_lib, train
-from dreamfusion_jax.guidance import stable_diffusion as sd
+from dreamfusion_jax.guidance import conditioning
+from dreamfusion_jax.guidance.priors import stable_diffusion as sd
 from dreamfusion_jax.guidance import tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -291,7 +292,9 @@ def test_torch_models_load_the_same_tiny_weights(torch_reference, scene_and_para
   noisy = np.random.default_rng(3).normal(size=(1, 16, 16, 4)).astype(np.float32)
   t = np.array([400], np.int32)
   cond, uncond = ref.cond_emb[:1], ref.uncond_emb[None]
-  want = jax.jit(lambda p, *a: sd.guided_noise(guidance, p, *a))(gparams, noisy, t, cond.numpy(), uncond.numpy())
+  want = jax.jit(lambda p, z, t, c, u: conditioning.guided_noise(guidance, p, z, t, conditioning.TextPair(c, u),
+                                                               guidance.settings.guidance_scale))(
+      gparams, noisy, t, cond.numpy(), uncond.numpy())
   got = ref.guided_noise(torch.tensor(noisy).permute(0, 3, 1, 2), torch.tensor(t).long(), cond, uncond)
   # Flax's GEGLU is the tanh GELU, PyTorch's the exact one (docs/guidance.md), amplified by CFG's s = 7.5.
   np.testing.assert_allclose(got.permute(0, 2, 3, 1).numpy(), want, atol=1e-3 * float(jnp.max(jnp.abs(want))))

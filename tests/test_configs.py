@@ -15,7 +15,7 @@ from ml_collections import config_flags
 
 from configs import dreamfusion
 from dreamfusion_jax import cameras, train
-from dreamfusion_jax.guidance import stable_diffusion as sd
+from dreamfusion_jax.guidance.priors import stable_diffusion as sd
 from dreamfusion_jax.guidance import tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,10 +78,10 @@ def test_sample_posterior_flag_samples_the_vae_posterior(tiny_sd):
   assert guidance.settings.sample_posterior and guidance.settings.image_size == tiny.TINY_IMAGE_SIZE
   images = jax.random.uniform(jax.random.PRNGKey(0), (2, 32, 32, 3))
   key = jax.random.PRNGKey(1)
-  sampled = guidance.encode_images(params, images, key)
+  sampled = guidance.encode(params, images, key)
   mean_guidance = dataclasses.replace(guidance,
                                       settings=dataclasses.replace(guidance.settings, sample_posterior=False))
-  mean = mean_guidance.encode_images(params, images, key)
+  mean = mean_guidance.encode(params, images, key)
   # Independent reference: the VAE's posterior, scaled; a sample is mean + std * N(0, 1) from `key`.
   x = jnp.transpose(images * 2.0 - 1.0, (0, 3, 1, 2))
   posterior = guidance.vae.apply({"params": params["vae"]}, x, method=guidance.vae.encode).latent_dist

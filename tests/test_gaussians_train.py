@@ -53,8 +53,8 @@ def test_train_steps_densify_with_static_shapes(prior):
   run = runs.setup_run(config, guidance_and_params=prior)
   assert isinstance(run.scene, gaussian_scene.GaussianScene)
   settings = train.StepSettings.from_config(config, num_devices=1)
-  step = jax.jit(functools.partial(train.train_step, scene=run.scene, guidance=run.guidance, settings=settings,
-                                   tx=run.tx, axis_name=None))
+  step = jax.jit(functools.partial(train.train_step, scene=run.scene, guidance=run.guidance, method=run.method,
+                                   settings=settings, tx=run.tx, axis_name=None))
   shapes = jax.tree_util.tree_map(jnp.shape, run.state)
   state, capacity = run.state, config.gaussians.capacity
   grew = False
@@ -125,7 +125,7 @@ DEVICE_CHECK = textwrap.dedent("""
       config.train.batch_size = batch_size
       devices = jax.local_devices()[:num_devices]
       settings = train.StepSettings.from_config(config, num_devices=num_devices)
-      p_step = train.make_pmapped_step(parts.scene, parts.guidance, settings, parts.tx, devices=devices)
+      p_step = train.make_pmapped_step(parts.scene, parts.guidance, parts.method, settings, parts.tx, devices=devices)
       s = train.replicate(parts.state, devices)
       args = [train.replicate(x, devices) for x in (parts.guidance_params, parts.embeddings, parts.base_key)]
       for _ in range(steps):
@@ -287,8 +287,8 @@ def test_dreamgaussian_config_steps_with_stable_diffusion(tmp_path):
   train.validate_config(config)
   run = runs.setup_run(config)
   settings = train.StepSettings.from_config(config, num_devices=1)
-  step = jax.jit(functools.partial(train.train_step, scene=run.scene, guidance=run.guidance, settings=settings,
-                                   tx=run.tx, axis_name=None))
+  step = jax.jit(functools.partial(train.train_step, scene=run.scene, guidance=run.guidance, method=run.method,
+                                   settings=settings, tx=run.tx, axis_name=None))
   state = run.state
   for _ in range(2):
     state, metrics = step(state, run.guidance_params, run.embeddings, run.base_key)

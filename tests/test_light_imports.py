@@ -21,7 +21,9 @@ assert not heavy, heavy
     "from configs import toy; toy.get_config()",
     "from configs import dreamfusion; dreamfusion.get_config()",
     "from dreamfusion_jax import toy_prior",
-    "from dreamfusion_jax.guidance import char_tokenizer, pipeline_dir, sds, prompts",
+    "from dreamfusion_jax.guidance import char_tokenizer, pipeline_dir, diffusion, prompts, conditioning, distill",
+    "from dreamfusion_jax.guidance import settings; from dreamfusion_jax.guidance.methods import sds, csd, ism, vsd",
+    "from dreamfusion_jax import runs",
     "import dreamfusion_jax.guidance as g; g.ModelNotFoundError, g.DEFAULT_MODEL",
 ])
 def test_imports_without_model_libraries(imports):
@@ -34,7 +36,7 @@ def test_imports_without_model_libraries(imports):
 def test_the_check_sees_a_model_library():
   """The check above can fail: importing the Stable Diffusion guidance loads diffusers."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
-  code = _CHECK.format(imports="from dreamfusion_jax.guidance import stable_diffusion")
+  code = _CHECK.format(imports="from dreamfusion_jax.guidance.priors import stable_diffusion")
   result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=300)
   assert result.returncode != 0 and "diffusers" in result.stderr

@@ -19,9 +19,10 @@ import pytest
 import safetensors.numpy
 from flax import traverse_util
 
+from dreamfusion_jax.guidance import conditioning, distill, methods
 from dreamfusion_jax.guidance import prompts as prompts_lib
-from dreamfusion_jax.guidance import sds
-from dreamfusion_jax.guidance import stable_diffusion as sd
+from dreamfusion_jax.guidance import diffusion
+from dreamfusion_jax.guidance.priors import stable_diffusion as sd
 from dreamfusion_jax.guidance import tiny
 from dreamfusion_jax.guidance import weight_conversion
 
@@ -102,7 +103,7 @@ def test_alphas_cumprod_matches_diffusers_scheduler(schedule):
 
   config = dict(beta_start=0.00085, beta_end=0.012, beta_schedule=schedule, num_train_timesteps=1000)
   ref = FlaxDDPMScheduler.from_config(config).create_state().common.alphas_cumprod
-  np.testing.assert_allclose(sds.ddpm_alphas_cumprod(**config), ref, rtol=2e-5, atol=1e-7)
+  np.testing.assert_allclose(diffusion.ddpm_alphas_cumprod(**config), ref, rtol=2e-5, atol=1e-7)
 
 
 def test_pytorch_names_round_trip_including_legacy_vae_attention(saved):
@@ -150,7 +151,7 @@ class _NoTorch(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     pass
 
 sys.meta_path.insert(0, _NoTorch())
-from dreamfusion_jax.guidance import stable_diffusion as sd
+from dreamfusion_jax.guidance.priors import stable_diffusion as sd
 guidance, params = sd.load_stable_diffusion(sys.argv[1], settings=sd.SDSSettings(image_size=32))
 assert params["unet"]["conv_in"]["kernel"].shape == (3, 3, 4, 32)
 """
@@ -289,17 +290,26 @@ def sds_case(loaded):
                      jnp.concatenate([uncond, cond_emb]))
     return eps[:2], eps[2:]
 
-  noisy = sds.add_noise(params["alphas_cumprod"], latents, noise, t)
+  noisy = diffusion.add_noise(params["alphas_cumprod"], latents, noise, t)
   eps_u, eps_c = predict(noisy, t)
   return dict(cond=cond, uncond=uncond, latents=latents, t=t, noise=noise, noisy=noisy, eps_u=eps_u, eps_c=eps_c,
               predict=predict, predict_with=predict_with, unet_x=jnp.concatenate([noisy, noisy]), unet_t=jnp.concatenate([t, t]),
               unet_emb=jnp.concatenate([uncond, cond]))
 
 
+def _pair(c):
+  return conditioning.TextPair(cond=c["cond"], uncond=c["uncond"])
+
+
+def _latent_loss(guidance, params, z, c, method="sds", **kwargs):
+  """distill.latent_loss of the sds_case's latents, t and noise under its prompt pair."""
+  return distill.latent_loss(guidance, methods.get(method), params, z, _pair(c), c["t"], c["noise"], **kwargs)
+
+
 def test_guided_noise_is_cfg_of_the_two_predictions(loaded, sds_case):
   guidance, params = loaded
   c = sds_case
-  got = jax.jit(lambda p: sd.guided_noise(guidance, p, c["noisy"], c["t"], c["cond"], c["uncond"]))(params)
+  got = jax.jit(lambda p: conditioning.guided_noise(guidance, p, c["noisy"], c["t"], _pair(c), 7.5))(params)
   want = np.asarray(c["eps_u"]) + 7.5 * (np.asarray(c["eps_c"]) - np.asarray(c["eps_u"]))
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
   assert float(jnp.abs(c["eps_c"] - c["eps_u"]).max()) > 1e-3  # the prompt matters to the UNet
@@ -308,8 +318,7 @@ def test_guided_noise_is_cfg_of_the_two_predictions(loaded, sds_case):
 def test_latent_gradient_is_weighted_noise_residual(loaded, sds_case):
   guidance, params = loaded
   c = sds_case
-  grad_fn = jax.jit(jax.grad(lambda z, p: sd.latent_sds_loss(guidance, p, z, c["cond"], c["uncond"], c["t"],
-                                                             c["noise"])[0]))
+  grad_fn = jax.jit(jax.grad(lambda z, p: _latent_loss(guidance, p, z, c)[0]))
   got = grad_fn(c["latents"], params)
   eps_hat = c["eps_u"] + 7.5 * (c["eps_c"] - c["eps_u"])
   w = 1.0 - params["alphas_cumprod"][c["t"]]
@@ -318,9 +327,9 @@ def test_latent_gradient_is_weighted_noise_residual(loaded, sds_case):
 
 
 def _replay_t_and_noise(guidance, key, t_range, shape):
-  """The t and noise sds_loss draws from `key` (its documented split: t, noise, posterior)."""
+  """The t and noise distill.loss draws from `key` (its documented split: t, noise, posterior)."""
   k_t, k_noise, k_posterior = jax.random.split(key, 3)
-  t = sds.sample_timesteps(k_t, shape[0], t_range[0], t_range[1], guidance.num_train_timesteps)
+  t = diffusion.sample_timesteps(k_t, shape[0], t_range[0], t_range[1], guidance.num_train_timesteps)
   return t, jax.random.normal(k_noise, shape), k_posterior
 
 
@@ -333,22 +342,22 @@ def test_image_gradient_is_sds_gradient_through_the_vae_encoder(loaded, sds_case
 
   def loss(x, p, key, t_range):
     traces.append(None)
-    return guidance.loss(p, x, c["cond"], c["uncond"], key, t_range=t_range)
+    return distill.loss(guidance, methods.get("sds"), p, x, _pair(c), key, t_range)
 
   loss_and_grad = jax.jit(jax.value_and_grad(loss, has_aux=True))
   (value, metrics), got = loss_and_grad(images, params, key, t_range)
 
   @jax.jit
   def encode_and_pull_back(p, x, t_range):
-    """The reference: latents, t, noise as sds_loss draws them; the encoder's VJP."""
+    """The reference: latents, t, noise as distill.loss draws them; the encoder's VJP."""
     latents, encoder_vjp = jax.vjp(lambda x: sd.encode_images(guidance, p["vae"], x), x)
     t, noise, _ = _replay_t_and_noise(guidance, key, t_range, latents.shape)
     return latents, t, noise, encoder_vjp
 
   latents, t, noise, encoder_vjp = encode_and_pull_back(params, images, t_range)
-  eps_u, eps_c = c["predict"](sds.add_noise(params["alphas_cumprod"], latents, noise, t), t)
-  g = sds.sds_gradient(sds.classifier_free_guidance(eps_u, eps_c, 7.5), noise,
-                       sds.sds_weight(params["alphas_cumprod"], t, "sds"))
+  eps_u, eps_c = c["predict"](diffusion.add_noise(params["alphas_cumprod"], latents, noise, t), t)
+  g = diffusion.sds_gradient(diffusion.classifier_free_guidance(eps_u, eps_c, 7.5), noise,
+                       diffusion.sds_weight(params["alphas_cumprod"], t, "sds"))
   (want,) = jax.jit(lambda ct: encoder_vjp(ct))(g / 2)
   assert got.shape == images.shape and float(jnp.abs(want).max()) > 0
   np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3 * float(jnp.abs(want).max()))
@@ -364,8 +373,7 @@ def test_latent_gradient_is_clipped_elementwise(loaded, sds_case):
   guidance, params = loaded
   c = sds_case
   clipped = dataclasses.replace(guidance, settings=dataclasses.replace(SETTINGS, grad_clip=0.05))
-  got = jax.jit(jax.grad(lambda z, p: sd.latent_sds_loss(clipped, p, z, c["cond"], c["uncond"], c["t"],
-                                                         c["noise"])[0]))(c["latents"], params)
+  got = jax.jit(jax.grad(lambda z, p: _latent_loss(clipped, p, z, c)[0]))(c["latents"], params)
   w = (1.0 - params["alphas_cumprod"][c["t"]])[:, None, None, None]
   want = np.clip(w * (c["eps_u"] + 7.5 * (c["eps_c"] - c["eps_u"]) - c["noise"]), -0.05, 0.05) / 2
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5)
@@ -473,15 +481,14 @@ def test_sd1_style_conv_projections_map(torch_models):
                                 state["down_blocks.0.attentions.0.proj_in.weight"].transpose(2, 3, 1, 0))
 
 
-# ----------------------------------------------------------------------------- the SDS family (csd.py, ism.py)
+# ----------------------------------------------------------------------------- the methods (guidance/methods/)
 
 def _with_method(guidance, **settings):
   return dataclasses.replace(guidance, settings=dataclasses.replace(guidance.settings, **settings))
 
 
 def _latent_grad(guidance, params, c):
-  fn = jax.jit(jax.grad(lambda z, p: sd.latent_sds_loss(guidance, p, z, c["cond"], c["uncond"], c["t"],
-                                                        c["noise"])[0]))
+  fn = jax.jit(jax.grad(lambda z, p: _latent_loss(guidance, p, z, c, guidance.settings.method)[0]))
   return np.asarray(fn(c["latents"], params))
 
 
@@ -544,7 +551,7 @@ def test_ism_gradient_matches_a_step_by_step_inversion(loaded, sds_case):
 
 def test_unknown_method_is_refused():
   with pytest.raises(ValueError, match="guidance.method='vsdd'"):
-    sd.SDSSettings(method="vsdd")
+    methods.get("vsdd")
 
 
 def test_perp_neg_guided_noise_matches_an_independent_computation(loaded, sds_case):
@@ -555,8 +562,8 @@ def test_perp_neg_guided_noise_matches_an_independent_computation(loaded, sds_ca
   emb = guidance.encode_prompts(params, ["a corgi, front view", "a corgi, side view"])
   neg = jnp.stack([jnp.stack([emb[0], emb[1]])] * 2)  # (B=2, 2, L, D)
   weights = jnp.array([[-0.3, -1.5], [0.0, -0.8]], jnp.float32)
-  cond = {"pos": c["cond"], "neg": neg, "neg_weights": weights}
-  got = np.asarray(jax.jit(lambda p: sd.guided_noise(guidance, p, c["noisy"], c["t"], cond, c["uncond"]))(params))
+  cond = conditioning.PerpNeg(pos=c["cond"], neg=neg, neg_weights=weights, uncond=c["uncond"])
+  got = np.asarray(jax.jit(lambda p: conditioning.guided_noise(guidance, p, c["noisy"], c["t"], cond, 7.5))(params))
   eps_u, eps_pos = (np.asarray(x) for x in (c["eps_u"], c["eps_c"]))
   pair = lambda e: np.asarray(c["predict_with"](c["noisy"], c["t"], jnp.stack([e, e]))[1])
   eps_n = [pair(emb[0]), pair(emb[1])]
@@ -571,19 +578,19 @@ def test_perp_neg_guided_noise_matches_an_independent_computation(loaded, sds_ca
       want_dir[b] += float(weights[b, i]) * perp.reshape(e_pos[b].shape)
   np.testing.assert_allclose(got, eps_u + 7.5 * want_dir, rtol=1e-3, atol=1e-4)
   # Zero weights: plain classifier-free guidance with the positive prompt.
-  cond0 = dict(cond, neg_weights=jnp.zeros_like(weights))
-  got0 = np.asarray(jax.jit(lambda p: sd.guided_noise(guidance, p, c["noisy"], c["t"], cond0, c["uncond"]))(params))
+  cond0 = cond.replace(neg_weights=jnp.zeros_like(weights))
+  got0 = np.asarray(jax.jit(lambda p: conditioning.guided_noise(guidance, p, c["noisy"], c["t"], cond0, 7.5))(params))
   np.testing.assert_allclose(got0, eps_u + 7.5 * e_pos, rtol=1e-3, atol=1e-4)
 
 
-# ----------------------------------------------------------------------------- VSD (guidance/vsd.py)
+# ----------------------------------------------------------------------------- VSD (guidance/methods/vsd.py)
 
 def _vsd_inputs(guidance, params, c, *, zero: bool):
   """VSD's trainable tree (zero contribution as initialised, or with random B and last
   camera layer), poses and the LoRA's draws for the sds_case batch."""
-  from dreamfusion_jax.guidance import vsd
+  from dreamfusion_jax.guidance.methods import vsd
 
-  trainable = vsd.init(jax.random.PRNGKey(5), params["unet"], rank=2)
+  trainable = vsd.init_state(params, jax.random.PRNGKey(5), dataclasses.replace(SETTINGS, vsd_lora_rank=2))
   if not zero:
     leaves, treedef = jax.tree_util.tree_flatten(trainable["lora"])
     keys = iter(jax.random.split(jax.random.PRNGKey(6), len(leaves) + 2))
@@ -593,14 +600,14 @@ def _vsd_inputs(guidance, params, c, *, zero: bool):
     trainable["camera"] = {**cam, "w2": 0.1 * jax.random.normal(next(keys), cam["w2"].shape),
                            "b2": 0.1 * jax.random.normal(next(keys), cam["b2"].shape)}
   c2w = jax.random.normal(jax.random.PRNGKey(7), (2, 3, 4))
-  lora_t = jnp.array([400, 30], jnp.int32)
-  lora_noise = jax.random.normal(jax.random.PRNGKey(8), c["latents"].shape)
-  return dict(trainable=trainable, c2w=c2w, lora_t=lora_t, lora_noise=lora_noise)
+  key = jax.random.PRNGKey(8)  # the LoRA loss's draws (vsd.lora_draws)
+  lora_t, lora_noise = vsd.lora_draws(key, c["latents"].shape, 1000)
+  return dict(trainable=trainable, c2w=c2w, key=key, lora_t=lora_t, lora_noise=lora_noise)
 
 
-def _vsd_loss(guidance, params, z, c, vsd_kwargs):
-  return sd.latent_sds_loss(_with_method(guidance, method="vsd"), params, z, c["cond"], c["uncond"], c["t"],
-                            c["noise"], **vsd_kwargs)
+def _vsd_loss(guidance, params, z, c, kw):
+  return _latent_loss(_with_method(guidance, method="vsd"), params, z, c, "vsd", state=kw["trainable"], c2w=kw["c2w"],
+                      key=kw["key"])
 
 
 def test_vsd_with_a_zero_initialised_lora_is_cfg_minus_cond(loaded, sds_case):
@@ -635,12 +642,12 @@ def _merged_reference(params, trainable, offset_row):
 
 
 def test_vsd_lora_prediction_matches_merged_weights_and_a_shifted_time_embedding(loaded, sds_case):
-  from dreamfusion_jax.guidance import vsd
+  from dreamfusion_jax.guidance.methods import vsd
 
   guidance, params = loaded
   c = sds_case
   kw = _vsd_inputs(guidance, params, c, zero=False)
-  got = np.asarray(jax.jit(lambda p, tr: vsd.lora_noise(guidance, p, tr, c["noisy"], c["t"], c["cond"], kw["c2w"]))(
+  got = np.asarray(jax.jit(lambda p, tr: vsd.lora_noise(guidance, p, tr, c["noisy"], c["t"], _pair(c), kw["c2w"]))(
       params, kw["trainable"]))
   # The camera MLP written out in numpy.
   cam = jax.device_get(kw["trainable"]["camera"])
@@ -659,7 +666,7 @@ def test_vsd_lora_prediction_matches_merged_weights_and_a_shifted_time_embedding
 def test_vsd_gradients_split_between_the_scene_and_the_lora(loaded, sds_case):
   """d/d latents: w (eps_cfg - eps_lora) only (the LoRA's loss sees detached latents);
   d/d LoRA: the LoRA's denoising loss only (the residual is a constant)."""
-  from dreamfusion_jax.guidance import vsd
+  from dreamfusion_jax.guidance.methods import vsd
 
   guidance, params = loaded
   c = sds_case
@@ -671,10 +678,10 @@ def test_vsd_gradients_split_between_the_scene_and_the_lora(loaded, sds_case):
 
   grad_z, grad_tr = jax.jit(jax.grad(total, argnums=(0, 1)))(c["latents"], kw["trainable"])
   eps_u, eps_c = np.asarray(c["eps_u"]), np.asarray(c["eps_c"])
-  eps_lora = np.asarray(vsd.lora_noise(g, params, kw["trainable"], c["noisy"], c["t"], c["cond"], kw["c2w"]))
+  eps_lora = np.asarray(vsd.lora_noise(g, params, kw["trainable"], c["noisy"], c["t"], _pair(c), kw["c2w"]))
   w = np.asarray(1.0 - params["alphas_cumprod"][c["t"]])[:, None, None, None]
   np.testing.assert_allclose(grad_z, w * (eps_u + 7.5 * (eps_c - eps_u) - eps_lora) / 2, rtol=1e-4, atol=3e-5)
-  want_tr = jax.grad(lambda tr: vsd.lora_loss(g, params, tr, c["latents"], c["cond"], kw["lora_t"],
+  want_tr = jax.grad(lambda tr: vsd.lora_loss(g, params, tr, c["latents"], _pair(c), kw["lora_t"],
                                               kw["lora_noise"], kw["c2w"]))(kw["trainable"])
   for a, b in zip(jax.tree_util.tree_leaves(grad_tr), jax.tree_util.tree_leaves(want_tr)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from dreamfusion_jax import toy_prior, toy_zero123
-from dreamfusion_jax.guidance import prompts, tiny
-from dreamfusion_jax.guidance import stable_diffusion as sd
+from dreamfusion_jax.guidance import conditioning, distill, methods, prompts, tiny
+from dreamfusion_jax.guidance.priors import stable_diffusion as sd
 from step0 import FIXTURES, assert_close
 
 
@@ -45,11 +45,6 @@ def text_prior(name, method, tiny_sd):
   return toy_prior.load(method=method, guidance_scale=20.0)
 
 
-def residual_fn(method):
-  return sd.sds_residual if method == "sds" else __import__(f"dreamfusion_jax.guidance.{method}",
-                                                            fromlist=["residual"]).residual
-
-
 @pytest.mark.parametrize("prior", ["tiny_sd", "toy_text"])
 @pytest.mark.parametrize("method", ["sds", "csd", "ism", "vsd"])
 def test_text_prior_residual_and_loss_equal_step0(prior, method, tiny_sd):
@@ -63,21 +58,19 @@ def test_text_prior_residual_and_loss_equal_step0(prior, method, tiny_sd):
   conds = {name: prompts.select_conditioning(emb, inputs["buckets"], inputs["azimuth_deg"], perp)
            for name, perp in (("cfg", False), ("perp_neg", True))}
   state = unflatten(golden, "inputs/vsd_state") if method == "vsd" else None
-  extra = {"trainable": state, "c2w": inputs["c2w"]} if method == "vsd" else {}
-  fn = residual_fn(method)
-  residuals = jax.jit(lambda l, n, t: {name: fn(guidance, params, l, cond, uncond, t, n, None, **extra)
-                                       for name, (cond, uncond) in conds.items()})(
-                                           inputs["latents"], inputs["noise"], inputs["t"])
+  m, s = methods.get(method), guidance.settings
+  residuals = jax.jit(lambda l, n, t: {
+      name: m.residual(guidance, params, l, cond, t, n, scale=s.guidance_scale, settings=s, state=state,
+                       c2w=inputs["c2w"]) for name, cond in conds.items()})(
+                           inputs["latents"], inputs["noise"], inputs["t"])
   for name, residual in residuals.items():
     want = golden[f"{method}/{name}/residual"]
     assert np.abs(want).max() > 1e-3  # a golden that can tell
     assert_close(residual, want, f"{prior} {method} {name}: residual")
 
-  cond, uncond = conds["cfg"]
-
   def loss_fn(images, st):
-    kw = {"trainable": st, "c2w": inputs["c2w"]} if method == "vsd" else {}
-    return guidance.loss(params, images, cond, uncond, inputs["keys"], inputs["t_range"], **kw)
+    return distill.loss(guidance, m, params, images, conds["cfg"], inputs["keys"], inputs["t_range"], state=st,
+                        c2w=inputs["c2w"])
 
   (loss, metrics), (g_images, g_state) = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True))(
       inputs["images"], state)
@@ -96,26 +89,22 @@ def test_text_prior_residual_and_loss_equal_step0(prior, method, tiny_sd):
 
 
 def test_view_prior_residual_and_loss_equal_step0():
-  from dreamfusion_jax.guidance import zero123
-
   golden = dict(np.load(FIXTURES / "residuals_toy_zero123.npz"))
   guidance, params = toy_zero123.load()
   inputs = {k[len("inputs/"):]: jnp.asarray(v) for k, v in golden.items() if k.startswith("inputs/")}
-  conditioning = guidance.encode_image(params, inputs["image"], (15.0, 0.0, 1.7))
+  encoded = guidance.encode_image(params, inputs["image"], (15.0, 0.0, 1.7))
   for k in ("embedding", "latents"):
-    assert_close(jnp.broadcast_to(getattr(conditioning, k), golden[f"inputs/cond/{k}"].shape),
+    assert_close(jnp.broadcast_to(getattr(encoded, k), golden[f"inputs/cond/{k}"].shape),
                  golden[f"inputs/cond/{k}"], f"image conditioning {k}")
-  cond = unflatten(golden, "inputs/cond")
-  residual = jax.jit(lambda l, n, t: zero123.guided_noise(
-      guidance, params, zero123.sds.add_noise(params["alphas_cumprod"], l, n, t), t, cond) - n)(
-          inputs["latents"], inputs["noise"], inputs["t"])
+  cond = conditioning.ImageView(**unflatten(golden, "inputs/cond"), keep=jnp.ones((2,), jnp.float32))
+  sds, s = methods.get("sds"), guidance.settings
+  residual = jax.jit(lambda l, n, t: sds.residual(guidance, params, l, cond, t, n, scale=s.guidance_scale,
+                                                  settings=s))(inputs["latents"], inputs["noise"], inputs["t"])
   assert_close(residual, golden["sds/image/residual"], "zero123 residual")
   (loss, metrics), g_images = jax.jit(jax.value_and_grad(
-      lambda images: guidance.loss(params, images, cond, None, inputs["keys"], inputs["t_range"]), has_aux=True))(
-          inputs["images"])
+      lambda images: distill.loss(guidance, sds, params, images, cond, inputs["keys"], inputs["t_range"]),
+      has_aux=True))(inputs["images"])
   assert_close(loss, golden["sds/image/loss"], "zero123 loss")
   for k, v in metrics.items():
     assert_close(v, golden[f"sds/image/metrics/{k}"], f"zero123 metric {k}")
   assert_close(g_images, golden["sds/image/grad_images"], "zero123 d loss / d renders")
-
-

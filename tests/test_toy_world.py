@@ -61,13 +61,13 @@ def test_pixel_space_prior_loads_without_vae(random_prior):
   guidance, params = random_prior
   assert guidance.vae is None and params["vae"] == {}
   images = jax.random.uniform(jax.random.PRNGKey(0), (2, 32, 32, 3))
-  np.testing.assert_allclose(guidance.encode_images(params, images), images * 2 - 1, atol=1e-6)
-  np.testing.assert_allclose(guidance.decode_latents(params, images * 2 - 1), images, atol=1e-6)
+  np.testing.assert_allclose(guidance.encode(params, images), images * 2 - 1, atol=1e-6)
+  np.testing.assert_allclose(guidance.decode(params, images * 2 - 1), images, atol=1e-6)
 
 
 def test_pixel_space_sds_gradient_is_twice_the_latent_gradient(random_prior):
   """x = 2 img - 1, so d loss / d img = 2 w(t) (eps_hat - eps) / B."""
-  from dreamfusion_jax.guidance import stable_diffusion
+  from dreamfusion_jax.guidance import conditioning, distill, methods
 
   guidance, params = random_prior
   images = jax.random.uniform(jax.random.PRNGKey(1), (2, 32, 32, 3))
@@ -75,10 +75,10 @@ def test_pixel_space_sds_gradient_is_twice_the_latent_gradient(random_prior):
   cond, uncond = jnp.broadcast_to(emb[0], (2,) + emb.shape[1:]), jnp.broadcast_to(emb[1], (2,) + emb.shape[1:])
   t = jnp.array([100, 700], jnp.int32)
   noise = jax.random.normal(jax.random.PRNGKey(2), images.shape)
-  g_img = jax.grad(lambda im: stable_diffusion.latent_sds_loss(
-      guidance, params, guidance.encode_images(params, im), cond, uncond, t, noise)[0])(images)
-  g_lat = jax.grad(lambda x: stable_diffusion.latent_sds_loss(guidance, params, x, cond, uncond, t, noise)[0])(
-      images * 2 - 1)
+  pair, sds = conditioning.TextPair(cond=cond, uncond=uncond), methods.get("sds")
+  g_img = jax.grad(lambda im: distill.latent_loss(
+      guidance, sds, params, guidance.encode(params, im), pair, t, noise)[0])(images)
+  g_lat = jax.grad(lambda x: distill.latent_loss(guidance, sds, params, x, pair, t, noise)[0])(images * 2 - 1)
   np.testing.assert_allclose(g_img, 2 * g_lat, rtol=1e-5, atol=1e-8)
   assert float(jnp.abs(g_lat).max()) > 0
 

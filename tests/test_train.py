@@ -167,10 +167,10 @@ def step_parts(tiny_sd):
   config.guidance.model = tiny_sd
   config.prompt = "a red cube"
   run = runs.setup_run(config)
-  scene, guidance, tx, state = run.scene, run.guidance, run.tx, run.state
+  scene, guidance, method, tx, state = run.scene, run.guidance, run.method, run.tx, run.state
   gparams, embeddings = run.guidance_params, run.embeddings
   settings = train.StepSettings.from_config(config, num_devices=1)
-  step = jax.jit(lambda s, g, e, k: train.train_step(s, g, e, k, scene=scene, guidance=guidance,
+  step = jax.jit(lambda s, g, e, k: train.train_step(s, g, e, k, scene=scene, guidance=guidance, method=method,
                                                      settings=settings, tx=tx, axis_name=None))
   return step, state, gparams, embeddings
 
@@ -217,7 +217,7 @@ DEVICE_CHECK = textwrap.dedent("""
       config.train.batch_size = batch_size
       devices = jax.local_devices()[:num_devices]
       settings = train.StepSettings.from_config(config, num_devices=num_devices)
-      p_step = train.make_pmapped_step(scene, guidance, settings, tx, devices=devices)
+      p_step = train.make_pmapped_step(scene, guidance, parts.method, settings, tx, devices=devices)
       s = train.replicate(state, devices)
       args = [train.replicate(x, devices) for x in (gparams, embeddings, jax.random.PRNGKey(7))]
       for _ in range(steps):

@@ -1,4 +1,4 @@
-"""Zero-1-to-3 guidance (guidance/zero123.py): the camera against closed forms, and
+"""Zero-1-to-3 guidance (guidance/priors/zero123.py): the camera against closed forms, and
 parity with PyTorch on tiny random models built the same way on both sides
 (diffusers' UNet2DConditionModel with 8 input channels and AutoencoderKL,
 transformers' CLIPVisionModelWithProjection, a torch Linear as cc_projection), saved
@@ -14,9 +14,10 @@ import safetensors.torch
 import torch
 
 from dreamfusion_jax import cameras
-from dreamfusion_jax.guidance import sds
-from dreamfusion_jax.guidance import stable_diffusion as sd
-from dreamfusion_jax.guidance import tiny, zero123
+from dreamfusion_jax.guidance import diffusion
+from dreamfusion_jax.guidance.priors import stable_diffusion as sd
+from dreamfusion_jax.guidance import conditioning, distill, methods, tiny
+from dreamfusion_jax.guidance.priors import zero123
 
 ENCODER_CONFIG = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4,
                   "image_size": 32, "patch_size": 8, "projection_dim": 24, "hidden_act": "quick_gelu"}
@@ -100,12 +101,11 @@ def test_guided_noise_matches_pytorch(torch_zero123):
   m = torch_zero123
   guidance, params = m["guidance"], m["params"]
   cams = cameras.orbit_cameras(2, elevation_deg=35.0, radius=1.8, fovy_deg=40.0, start_azimuth_deg=75.0)
-  cond, _ = guidance.select_conditioning(guidance.encode_image(params, jnp.asarray(m["image"]), CAMERA), cams,
-                                         jnp.zeros((2,), jnp.int32))
+  cond = guidance.encode_image(params, jnp.asarray(m["image"]), CAMERA).for_views(cams, jnp.zeros((2,), jnp.int32))
   rng = np.random.default_rng(1)
   noisy = rng.standard_normal((2, 16, 16, 4)).astype(np.float32)
   t = np.array([50, 800], np.int32)
-  ours = jax.jit(lambda p, c: zero123.guided_noise(guidance, p, noisy, t, c))(params, cond)
+  ours = jax.jit(lambda p, c: conditioning.guided_noise(guidance, p, noisy, t, c, 3.0))(params, cond)
 
   emb, latents = _reference_conditioning(m)
   d_az = np.deg2rad([75.0 - 30.0, 255.0 - 30.0])
@@ -128,36 +128,39 @@ def test_latent_gradient_is_weighted_residual(torch_zero123):
   m = torch_zero123
   guidance, params = m["guidance"], m["params"]
   cams = cameras.orbit_cameras(2, elevation_deg=0.0, radius=1.8, fovy_deg=40.0)
-  cond, _ = guidance.select_conditioning(guidance.encode_image(params, jnp.asarray(m["image"]), CAMERA), cams,
-                                         jnp.zeros((2,), jnp.int32))
+  cond = guidance.encode_image(params, jnp.asarray(m["image"]), CAMERA).for_views(cams, jnp.zeros((2,), jnp.int32))
   rng = np.random.default_rng(2)
   images = jnp.asarray(rng.uniform(size=(2, 32, 32, 3)).astype(np.float32))
   keys = jax.random.split(jax.random.PRNGKey(3), 2)
   t_range = jnp.array([0.2, 0.8])
   # Rebuild the loss on latents directly: the surrogate's latent gradient must be
   # w(t) (eps_hat(z_t) - eps) / B with the draws of each image's own key.
-  k_t, k_noise, _ = sds.split_draw_keys(keys)
+  k_t, k_noise, _ = diffusion.split_draw_keys(keys)
   latents = sd.encode_images(guidance, params["vae"], images)
-  t, noise = sds.sample_timesteps_and_noise(k_t, k_noise, latents.shape, t_range, guidance.num_train_timesteps)
+  t, noise = diffusion.sample_timesteps_and_noise(k_t, k_noise, latents.shape, t_range, guidance.num_train_timesteps)
   abar = params["alphas_cumprod"]
-  eps_hat = zero123.guided_noise(guidance, params, sds.add_noise(abar, latents, noise, t), t, cond)
+  eps_hat = conditioning.guided_noise(guidance, params, diffusion.add_noise(abar, latents, noise, t), t, cond, 3.0)
   w = (1.0 - abar[t])[:, None, None, None]
   want = w * (eps_hat - noise) / 2
   # d loss / d images = J_enc^T (d loss / d latents): compare through the encoder's VJP.
   _, vjp = jax.vjp(lambda x: sd.encode_images(guidance, params["vae"], x), images)
-  got = jax.grad(lambda x: zero123.sds_loss(params, x, cond, keys, t_range, guidance=guidance)[0])(images)
+  got = jax.grad(lambda x: distill.loss(guidance, methods.get("sds"), params, x, cond, keys, t_range)[0])(images)
   np.testing.assert_allclose(np.asarray(got), np.asarray(vjp(want)[0]), rtol=1e-4, atol=1e-5)
 
 
-def test_a_text_model_is_refused_and_a_zero123_dir_dispatches(torch_zero123, tmp_path):
+def test_each_prior_refuses_the_other_ones_directory(torch_zero123, tmp_path):
+  """The prior is named (config.guidance.prior), never guessed from the directory: each
+  loader checks that the directory fits it, in one line naming the field to set."""
   sd_dir = tiny.build_tiny_pipeline_dir(tmp_path / "sd")
-  with pytest.raises(sd.ModelNotFoundError, match="not a Zero-1-to-3 checkpoint"):
+  with pytest.raises(sd.ModelNotFoundError, match="not a Zero-1-to-3 checkpoint.*prior='stable_diffusion'"):
     zero123.load_zero123(str(sd_dir), settings=SETTINGS)
   import ml_collections  # pylint: disable=g-import-not-at-top
 
   cfg = ml_collections.ConfigDict({"model": str(torch_zero123["root"]), "image_size": 32, "guidance_scale": 3.0})
-  guidance, _ = sd.from_config(cfg)
-  assert isinstance(guidance, zero123.Zero123Guidance)
+  with pytest.raises(sd.ModelNotFoundError, match="is a Zero-1-to-3 checkpoint.*prior='zero123'"):
+    sd.from_config(cfg)
+  guidance, _ = zero123.from_config(cfg)
+  assert guidance.settings.guidance_scale == 3.0 and guidance.latent_channels == 4
 
 
 def test_missing_component_is_named(torch_zero123, tmp_path):

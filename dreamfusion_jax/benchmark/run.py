@@ -18,7 +18,7 @@ from dreamfusion_jax.benchmark.measurement import device_peak_bytes, matmul_peak
 from dreamfusion_jax.benchmark.sd21 import (SD21_TEXT_ENCODER_CONFIG, SD21_UNET_CONFIG, SD21_VAE_CONFIG,
                                             sd21_shaped_guidance)
 from dreamfusion_jax.benchmark.step_parts import build_step_parts, measure_components, measure_scaling
-from dreamfusion_jax.guidance import stable_diffusion as sd
+from dreamfusion_jax.guidance.priors import stable_diffusion as sd
 from dreamfusion_jax.guidance import tiny
 
 

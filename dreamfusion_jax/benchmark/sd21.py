@@ -9,8 +9,8 @@ import tempfile
 import jax
 import jax.numpy as jnp
 
-from dreamfusion_jax.guidance import char_tokenizer, sd_models, sds
-from dreamfusion_jax.guidance import stable_diffusion as sd
+from dreamfusion_jax.guidance import char_tokenizer, sd_models, diffusion
+from dreamfusion_jax.guidance.priors import stable_diffusion as sd
 
 # stabilityai/stable-diffusion-2-1-base, from its unet/, vae/ and text_encoder/ config.json.
 SD21_UNET_CONFIG = {
@@ -83,7 +83,7 @@ def sd21_shaped_guidance(settings, *, dtype: str = "float32", seed: int = 0):
     char_tokenizer.write_tokenizer(d, max_length=SD21_TEXT_ENCODER_CONFIG["max_position_embeddings"])
     tokenizer = sd_models.load_tokenizer(d)
   sched = SD21_SCHEDULER_CONFIG
-  alphas_cumprod = sds.ddpm_alphas_cumprod(beta_start=sched["beta_start"], beta_end=sched["beta_end"],
+  alphas_cumprod = diffusion.ddpm_alphas_cumprod(beta_start=sched["beta_start"], beta_end=sched["beta_end"],
                                            beta_schedule=sched["beta_schedule"],
                                            num_train_timesteps=sched["num_train_timesteps"])
   device = jax.local_devices()[0]

@@ -23,7 +23,8 @@ from dreamfusion_jax import runs, train
 from dreamfusion_jax import scene as scene_lib
 from dreamfusion_jax.benchmark.measurement import Measurement, measure
 from dreamfusion_jax.guidance import prompts as prompts_lib
-from dreamfusion_jax.guidance import stable_diffusion as sd
+from dreamfusion_jax.guidance import conditioning
+from dreamfusion_jax.guidance.priors import stable_diffusion as sd
 
 Array = jax.Array
 
@@ -45,7 +46,7 @@ def build_step_parts(config: ml_collections.ConfigDict, *, guidance_and_params=N
   Args:
     config: a full experiment config (configs/dreamfusion.py).
     guidance_and_params: an already loaded (guidance, params); default: load
-      `config.guidance` with `guidance.from_config`.
+      `config.guidance` with its prior module (guidance/priors/).
     num_devices: devices sharing the global batch (StepSettings.num_devices).
   """
   run = runs.setup_run(config, guidance_and_params=guidance_and_params)
@@ -61,9 +62,10 @@ def train_step_fn(parts: StepParts, devices: Optional[Sequence[jax.Device]] = No
   args = (parts.state, parts.guidance_params, parts.embeddings, parts.base_key)
   if len(devices) == 1:
     step = jax.jit(functools.partial(train.train_step, scene=parts.scene, guidance=parts.guidance,
+                                     method=parts.method,
                                      settings=parts.settings, tx=parts.tx, axis_name=None))
     return step, jax.device_put(args, devices[0])
-  step = train.make_pmapped_step(parts.scene, parts.guidance, parts.settings, parts.tx, devices=devices)
+  step = train.make_pmapped_step(parts.scene, parts.guidance, parts.method, parts.settings, parts.tx, devices=devices)
   return step, tuple(train.replicate(a, devices) for a in args)
 
 
@@ -137,7 +139,8 @@ def unet_cfg_fwd_fn(parts: StepParts) -> tuple[Callable, tuple]:
   def unet_params_only(gparams):  # the VAE and text weights need not travel
     return {"unet": gparams["unet"], "alphas_cumprod": gparams["alphas_cumprod"]}
 
-  fn = jax.jit(lambda p, z, t, c, u: sd.guided_noise(guidance, p, z, t, c, u))
+  fn = jax.jit(lambda p, z, t, c, u: conditioning.guided_noise(guidance, p, z, t, conditioning.TextPair(c, u),
+                                                                guidance.settings.guidance_scale))
   return fn, (unet_params_only(parts.guidance_params), noisy, t, cond, uncond)
 
 

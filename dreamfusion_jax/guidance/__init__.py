@@ -1,49 +1,27 @@
-"""2D priors for score distillation.
+"""The 2D seam: frozen diffusion priors and the score-distillation methods.
 
-  sds.py               the SDS math on arrays (noise, CFG, w(t), surrogate loss).
-  prompts.py           view-dependent prompts, PromptEmbeddings, select_embeddings.
-  stable_diffusion.py  a frozen Flax Stable Diffusion as guidance: SDSSettings,
-                       `loss` / `encode_prompts`, load_stable_diffusion, from_config.
-  pipeline_dir.py      a checkpoint directory in the diffusers layout: find (dir or
-                       cached hub id), check, read weights, write one.
-  sd_models.py         the Flax UNet / VAE / CLIP text modules from their configs,
-                       random weights for their shapes.
-  char_tokenizer.py    a character-level CLIP tokenizer (the toy prior's vocabulary).
-  weight_conversion.py PyTorch-layout safetensors <-> Flax param trees (numpy only).
-  tiny.py              a tiny random Stable Diffusion directory for tests/benchmarks.
+  priors/            one module per prior (stable_diffusion, zero123), chosen by
+                     config.guidance.prior; the contract in priors/__init__.py.
+  methods/           one module per method (sds, csd, ism, vsd), chosen by
+                     config.guidance.method; the contract in methods/__init__.py.
+  distill.py         THE distillation loss, for every prior x method.
+  conditioning.py    conditioning objects (TextPair, PerpNeg, ImageView) carrying their
+                     own guidance direction; guided noise and DDIM sampling with a prior.
+  diffusion.py       model-free math: schedules, q-sample, v->eps, CFG, w(t), DDIM.
+  prompts.py         view-dependent prompts and their embeddings.
+  perp_neg.py        Perp-Neg's weights and projection, on arrays.
+  pipeline_dir.py, sd_models.py, char_tokenizer.py, weight_conversion.py, tiny.py
+                     reading and writing checkpoint directories, building the Flax
+                     modules, the tiny random models of tests and benchmarks.
 
-The Stable Diffusion names are imported on first use: importing diffusers and
-transformers (sd_models.py) takes seconds, which the pure math and other priors need
-not pay.
+A run (runs.setup_run) names its prior and its method by the config's fields
+(`priors.get(config.guidance.prior)`, `methods.get(config.guidance.method)`), each
+imported on first use (importing diffusers and transformers takes seconds, which the
+math and the config checks need not pay).
 """
 
-import importlib
-
-from dreamfusion_jax.guidance.prompts import (PromptEmbeddings, VIEW_SUFFIXES, make_prompt_embeddings,
-                                              select_embeddings, view_prompts)
-from dreamfusion_jax.guidance.sds import (add_noise, classifier_free_guidance, sample_timesteps,
-                                          sds_gradient, sds_surrogate_loss, sds_weight)
-
-# name -> the module that defines it (pipeline_dir.py imports no diffusers).
-_LAZY_NAMES = {
-    "DEFAULT_MODEL": "pipeline_dir",
-    "ModelNotFoundError": "pipeline_dir",
-    "SDSSettings": "stable_diffusion",
-    "StableDiffusionGuidance": "stable_diffusion",
-    "from_config": "stable_diffusion",
-    "load_stable_diffusion": "stable_diffusion",
-    "sds_loss": "stable_diffusion",
-}
+from dreamfusion_jax.guidance import methods, priors
+from dreamfusion_jax.guidance.pipeline_dir import DEFAULT_MODEL, ModelNotFoundError
 
 
-def __getattr__(name):
-  if name in _LAZY_NAMES:
-    return getattr(importlib.import_module(f"dreamfusion_jax.guidance.{_LAZY_NAMES[name]}"), name)
-  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-__all__ = [
-    "PromptEmbeddings", "VIEW_SUFFIXES", "add_noise", "classifier_free_guidance", "make_prompt_embeddings",
-    "sample_timesteps", "sds_gradient", "sds_surrogate_loss", "sds_weight", "select_embeddings",
-    "view_prompts", *_LAZY_NAMES,
-]
+__all__ = ["DEFAULT_MODEL", "ModelNotFoundError", "methods", "priors"]

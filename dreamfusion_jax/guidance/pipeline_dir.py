@@ -51,7 +51,7 @@ _LAYOUT = {
     "tokenizer": (("vocab.json", "merges.txt"), ()),
     "scheduler": (("scheduler_config.json",), ()),
 }
-# Zero-1-to-3 (guidance/zero123.py): the UNet takes the noisy latents and the input
+# Zero-1-to-3 (guidance/priors/zero123.py): the UNet takes the noisy latents and the input
 # image's latents (8 channels), the CLIP image encoder with its projection, and the
 # `cc_projection` Linear from image embedding + camera to the cross-attention width.
 ZERO123_LAYOUT = {

@@ -14,6 +14,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from dreamfusion_jax.guidance import conditioning
+from dreamfusion_jax.guidance import perp_neg as perp_neg_lib
+
 Array = jax.Array
 
 # Index = view bucket (cameras.VIEW_BUCKETS = front, side, back, overhead).
@@ -33,6 +36,10 @@ class PromptEmbeddings:
 
   cond: Array
   uncond: Array
+
+  def for_views(self, cameras, buckets: Array, perp_neg: bool = False):
+    """The views' conditioning object (`select_conditioning`)."""
+    return select_conditioning(self, buckets, cameras.azimuth_deg, perp_neg)
 
 
 class PromptEncoder(Protocol):
@@ -70,15 +77,15 @@ def make_prompt_embeddings(
 
 
 def select_conditioning(prompt_embeddings: PromptEmbeddings, buckets: Array, azimuth_deg: Array,
-                        perp_neg: bool = False) -> tuple[Array | dict, Array]:
-  """`select_embeddings`, or with `perp_neg` Perp-Neg's conditioning dict as cond
-  (perp_neg.view_conditioning: interpolated positives, view negatives, weights)."""
+                        perp_neg: bool = False) -> conditioning.TextPair | conditioning.PerpNeg:
+  """The views' conditioning: each view's prompt and the negative prompt
+  (`select_embeddings`), or with `perp_neg` Perp-Neg's (perp_neg.view_conditioning:
+  interpolated positives, view negatives, weights)."""
   cond, uncond = select_embeddings(prompt_embeddings, buckets)
   if not perp_neg:
-    return cond, uncond
-  from dreamfusion_jax.guidance import perp_neg as perp_neg_lib  # pylint: disable=g-import-not-at-top
-
-  return perp_neg_lib.view_conditioning(prompt_embeddings.cond, prompt_embeddings.uncond, azimuth_deg, buckets), uncond
+    return conditioning.TextPair(cond=cond, uncond=uncond)
+  views = perp_neg_lib.view_conditioning(prompt_embeddings.cond, prompt_embeddings.uncond, azimuth_deg, buckets)
+  return conditioning.PerpNeg(pos=views["pos"], neg=views["neg"], neg_weights=views["neg_weights"], uncond=uncond)
 
 
 def select_embeddings(prompt_embeddings: PromptEmbeddings, buckets: Array) -> tuple[Array, Array]:

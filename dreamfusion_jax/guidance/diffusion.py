@@ -1,7 +1,9 @@
-"""Score Distillation Sampling (DreamFusion, Poole et al. 2022): the math, on arrays.
+"""Diffusion and score-distillation math on arrays, free of any model: noise schedules,
+q-sample, v -> eps, classifier-free guidance, the weightings w(t), the surrogate loss,
+DDIM steps and the DDIM sampler.
 
-Nothing here knows about Stable Diffusion or diffusers; `stable_diffusion.py` wires
-these functions to the models. Notation follows DDPM: alpha_bar_t = prod_{s<=t}
+Nothing here knows a prior or a method: guidance/distill.py and the methods
+(guidance/methods/) call these functions. Notation follows DDPM: alpha_bar_t = prod_{s<=t}
 (1 - beta_s) is the signal fraction at integer timestep t in [0, T), and the noisy
 latent is z_t = sqrt(alpha_bar_t) z + sqrt(1 - alpha_bar_t) eps.
 
@@ -31,9 +33,6 @@ import numpy as np
 Array = jax.Array
 
 WEIGHTINGS = ("sds", "uniform", "fantasia3d")
-# The SDS family (config.guidance.method): "sds" here and in stable_diffusion.py, the
-# others one module each in this package (csd.py, ism.py, vsd.py), each with a `residual`.
-METHODS = ("sds", "csd", "ism", "vsd")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 
 
@@ -68,6 +67,22 @@ def ddpm_alphas_cumprod(
   # The product of 1000 factors runs in float64; diffusers uses float32 and agrees to
   # ~1e-6 relative.
   return np.cumprod(1.0 - betas).astype(np.float32)
+
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def read_scheduler(config: dict, where: str) -> tuple[np.ndarray, str]:
+  """(alphas_cumprod (T,) float32, prediction_type) of a diffusers
+  `scheduler_config.json` (its defaults where a field is missing: DDPM's linear
+  betas 1e-4..0.02 over 1000 steps, epsilon). `where` names the file in errors."""
+  prediction_type = config.get("prediction_type", "epsilon")
+  if prediction_type not in PREDICTION_TYPES:
+    raise ValueError(f"{where}: prediction_type {prediction_type!r} is not supported; known: {PREDICTION_TYPES}")
+  table = ddpm_alphas_cumprod(beta_start=config.get("beta_start", 0.0001), beta_end=config.get("beta_end", 0.02),
+                              beta_schedule=config.get("beta_schedule", "linear"),
+                              num_train_timesteps=config.get("num_train_timesteps", 1000))
+  return table, prediction_type
 
 
 def sample_timesteps(key: Array, batch_size: int, t_min: Array, t_max: Array,
@@ -266,3 +281,48 @@ def ddim_step(alphas_cumprod: Array, x_t: Array, eps: Array, t: Array, t_prev: A
     x0 = jnp.clip(x0, -clip_x0, clip_x0)
     eps = (x_t - jnp.sqrt(abar_t) * x0) / jnp.sqrt(1.0 - abar_t)
   return jnp.sqrt(abar_prev) * x0 + jnp.sqrt(1.0 - abar_prev) * eps
+
+
+def ddim_move(abar_from: Array, abar_to: Array, x: Array, eps: Array) -> Array:
+  """Deterministic DDIM (eta = 0) from noise level abar_from to abar_to:
+  sqrt(abar_to) x0_hat + sqrt(1 - abar_to) eps, x0_hat = (x - sqrt(1 - abar_from) eps) / sqrt(abar_from).
+
+  Args:
+    abar_from, abar_to: (B,) alpha_bar of the two levels (1 for clean latents).
+    x, eps: (B, h, w, C).
+  """
+  expand = lambda a: a.reshape((-1,) + (1,) * (x.ndim - 1))
+  a_from, a_to = expand(abar_from), expand(abar_to)
+  x0 = (x - jnp.sqrt(1.0 - a_from) * eps) / jnp.sqrt(a_from)
+  return jnp.sqrt(a_to) * x0 + jnp.sqrt(1.0 - a_to) * eps
+
+
+def ddim_timesteps(num_train_timesteps: int, num_steps: int) -> tuple[Array, Array]:
+  """(t, t_prev): num_steps timesteps evenly spaced from T - 1 down to 0, and each
+  one's successor (-1 after the last: the clean sample). Each (num_steps,) int32."""
+  timesteps = jnp.asarray(np.linspace(num_train_timesteps - 1, 0, num_steps).round(), jnp.int32)
+  return timesteps, jnp.concatenate([timesteps[1:], jnp.array([-1], jnp.int32)])
+
+
+def ddim_sample(predict_eps, x: Array, alphas_cumprod: Array, *, num_steps: int,
+                clip_x0: float | None = None) -> Array:
+  """Deterministic DDIM sampling (eta = 0) from x_T to x_0.
+
+  Args:
+    predict_eps: (x (B, ...), t (B,) int32) -> eps (B, ...), e.g. a guided prediction.
+    x: (B, ...) the initial noise x_T.
+    alphas_cumprod: (T,). num_steps: DDIM steps (`ddim_timesteps`).
+    clip_x0: see `ddim_step`.
+
+  Returns:
+    (B, ...) the sample.
+  """
+  b = x.shape[0]
+
+  def step(x, ts):
+    t, t_prev = ts
+    eps = predict_eps(x, jnp.full((b,), t, jnp.int32))
+    return ddim_step(alphas_cumprod, x, eps, t, t_prev, clip_x0), None
+
+  x, _ = jax.lax.scan(step, x, ddim_timesteps(alphas_cumprod.shape[0], num_steps))
+  return x

@@ -1,4 +1,6 @@
-"""Zero-1-to-3 (Liu et al. 2023) as the 2D prior of image-to-3D score distillation.
+"""Zero-1-to-3 (Liu et al. 2023) as the prior of image-to-3D score distillation:
+`config.guidance.prior = "zero123"`. Every method works with it (guidance/methods/):
+its conditioning (conditioning.ImageView) carries its own unconditional branch.
 
 A Stable Diffusion UNet fine-tuned to draw an object from a new camera given one
 image of it. The conditioning, as the reference implementation (and threestudio's
@@ -35,8 +37,10 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from dreamfusion_jax.guidance import sds
-from dreamfusion_jax.guidance import stable_diffusion as sd
+from dreamfusion_jax.guidance import conditioning as conditioning_lib
+from dreamfusion_jax.guidance import diffusion
+from dreamfusion_jax.guidance.priors import stable_diffusion as sd
+from dreamfusion_jax.guidance import pipeline_dir, sd_models
 from dreamfusion_jax.guidance.pipeline_dir import (DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS, is_pixel_space,
                                                    is_zero123, load_params, read_json, resolve_model_dir)
 
@@ -89,6 +93,20 @@ class ImageConditioning:
   latents: Array
   camera: Array
 
+  def for_views(self, cameras, buckets: Array, perp_neg: bool = False) -> conditioning_lib.ImageView:
+    """Per view: the input image's embedding and latents and the view's camera
+    relative to the input's (`relative_camera`)."""
+    del buckets
+    if perp_neg:
+      raise ValueError("Perp-Neg needs a text prior's view prompts; Zero-1-to-3 conditions on the camera itself")
+    b = cameras.azimuth_deg.shape[0]
+    return conditioning_lib.ImageView(
+        embedding=jnp.broadcast_to(self.embedding, (b,) + self.embedding.shape),
+        latents=jnp.broadcast_to(self.latents, (b,) + self.latents.shape),
+        camera=relative_camera(cameras.elevation_deg, cameras.azimuth_deg, cameras.radius, self.camera[0],
+                               self.camera[1], self.camera[2]),
+        keep=jnp.ones((b,), jnp.float32))
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Zero123Guidance:
@@ -116,31 +134,28 @@ class Zero123Guidance:
   def latent_size(self) -> int:
     return self.settings.image_size // self.vae_downsample
 
-  def loss(self, params: Params, images: Array, cond: dict, uncond: Any, key: Array, t_range: Array | None = None,
-           guidance_scale: Array | None = None, *, trainable: Any = None,
-           c2w: Array | None = None) -> tuple[Array, dict[str, Array]]:
-    """SDS surrogate loss of rendered images; see `sds_loss` (`uncond` is unused:
-    the unconditional branch is the zeroed conditioning)."""
-    del uncond, trainable, c2w
-    return sds_loss(params, images, cond, key, t_range, guidance=self, guidance_scale=guidance_scale)
+  @property
+  def pixel_space(self) -> bool:
+    return self.vae is None
 
-  def init_trainable(self, params: Params, key: Array) -> None:
-    del params, key
-    return None
+  def noise_predictions(self, params: Params, noisy_latents: Array, t: Array,
+                        branches: list[conditioning_lib.ImageView]) -> list[Array]:
+    """The predictions of the same noisy latents (B, h, w, C) at t (B,) under each of
+    K ImageView branches, from ONE UNet call on K B rows; the context and the input
+    latents are multiplied by each row's `keep` (0: zero123's unconditional branch)."""
+    k, b = len(branches), noisy_latents.shape[0]
+    view = conditioning_lib.concatenate(branches)
+    ctx = context(params, view.embedding, view.camera) * view.keep[:, None, None]
+    latents_in = view.latents * view.keep[:, None, None, None]
+    eps = predict_noise(self, params, jnp.concatenate([noisy_latents] * k), jnp.concatenate([t] * k), ctx,
+                        latents_in)
+    return [eps[i * b:(i + 1) * b] for i in range(k)]
 
-  def select_conditioning(self, conditioning: ImageConditioning, cameras, buckets: Array,
-                          perp_neg: bool = False) -> tuple[dict, None]:
-    """Per view: the input image's embedding and latents and the view's camera
-    relative to the input's (`relative_camera`). Returns (cond dict, None)."""
-    del buckets
-    if perp_neg:
-      raise ValueError("Perp-Neg needs a text prior's view prompts; Zero-1-to-3 conditions on the camera itself")
-    b = cameras.azimuth_deg.shape[0]
-    cam = conditioning.camera
-    return {"embedding": jnp.broadcast_to(conditioning.embedding, (b,) + conditioning.embedding.shape),
-            "latents": jnp.broadcast_to(conditioning.latents, (b,) + conditioning.latents.shape),
-            "camera": relative_camera(cameras.elevation_deg, cameras.azimuth_deg, cameras.radius, cam[0], cam[1],
-                                      cam[2])}, None
+  def encode(self, params: Params, images: Array, key: Array | None = None) -> Array:
+    return sd.encode_images(self, params["vae"], images, key)
+
+  def decode(self, params: Params, latents: Array) -> Array:
+    return sd.decode_latents(self, params["vae"], latents)
 
   def encode_image(self, params: Params, image: Array, camera: tuple[float, float, float]) -> ImageConditioning:
     """The conditioning of one input image (H, W, 3) in [0, 1] seen from `camera`
@@ -192,76 +207,6 @@ def predict_noise(guidance: Zero123Guidance, params: Params, noisy_latents: Arra
   return sd.unet_epsilon(guidance, params, x, noisy_latents, t, ctx)
 
 
-def noise_pair(guidance: Zero123Guidance, params: Params, noisy_latents: Array, t: Array,
-               cond: Mapping[str, Array]) -> tuple[Array, Array]:
-  """(eps_u, eps_c) from ONE UNet call on the doubled batch; the unconditional half
-  has the context and the input latents zeroed (as zero123 and threestudio)."""
-  ctx = context(params, cond["embedding"], cond["camera"])
-  b = noisy_latents.shape[0]
-  eps = predict_noise(guidance, params, jnp.concatenate([noisy_latents] * 2), jnp.concatenate([t, t]),
-                      jnp.concatenate([jnp.zeros_like(ctx), ctx]),
-                      jnp.concatenate([jnp.zeros_like(cond["latents"]), cond["latents"]]))
-  return eps[:b], eps[b:]
-
-
-def guided_noise(guidance: Zero123Guidance, params: Params, noisy_latents: Array, t: Array,
-                 cond: Mapping[str, Array], guidance_scale: Array | None = None) -> Array:
-  """eps_u + s (eps_c - eps_u), s = settings.guidance_scale unless given (traced)."""
-  eps_u, eps_c = noise_pair(guidance, params, noisy_latents, t, cond)
-  scale = guidance.settings.guidance_scale if guidance_scale is None else guidance_scale
-  return sds.classifier_free_guidance(eps_u, eps_c, scale)
-
-
-def sds_loss(params: Params, images: Array, cond: Mapping[str, Array], key: Array, t_range: Array | None = None, *,
-             guidance: Zero123Guidance, guidance_scale: Array | None = None) -> tuple[Array, dict[str, Array]]:
-  """Zero-1-to-3 SDS of renders: d loss / d latents = w(t) (eps_hat - eps) / B.
-
-  Args:
-    images: (B, H, W, 3) float32 in [0, 1], the renders of the target views.
-    cond: from `Zero123Guidance.select_conditioning`: "embedding" (B, P), "latents"
-      (B, h, w, C), "camera" (B, 4).
-    key: one PRNG key or (B, 2) per-image keys (as stable_diffusion.sds_loss).
-    t_range: (2,) [t_min, t_max] fractions of T, or None: the settings'.
-
-  Returns:
-    (loss, metrics) with sds.loss_metrics' scalars.
-  """
-  s = guidance.settings
-  if t_range is None:
-    t_range = jnp.array([s.t_min, s.t_max], jnp.float32)
-  abar = params["alphas_cumprod"]
-  k_t, k_noise, k_posterior = sds.split_draw_keys(key)
-  latents = sd.encode_images(guidance, params["vae"], images, k_posterior)
-  t, noise = sds.sample_timesteps_and_noise(k_t, k_noise, latents.shape, t_range, guidance.num_train_timesteps)
-  noisy = sds.add_noise(abar, jax.lax.stop_gradient(latents), noise, t)
-  residual = jax.lax.stop_gradient(guided_noise(guidance, params, noisy, t, cond, guidance_scale) - noise)
-  weight = sds.sds_weight(abar, t, s.weighting)
-  grad = sds.weighted_gradient(residual, weight, s.grad_clip)
-  loss = sds.sds_surrogate_loss(latents, grad)
-  return loss, sds.loss_metrics(loss, t, grad, weight, guidance.num_train_timesteps)
-
-
-def ddim_sample(guidance: Zero123Guidance, params: Params, cond: Mapping[str, Array], key: Array, *,
-                num_steps: int = 20, guidance_scale: float = 3.0) -> Array:
-  """Novel views by classifier-free-guided DDIM (eta = 0): (B, H, W, 3) in [0, 1].
-
-  `cond` as for `sds_loss` (B views); pixel-space models clip x0 to [-1, 1]."""
-  b = cond["camera"].shape[0]
-  size = guidance.latent_size
-  x = jax.random.normal(key, (b, size, size, guidance.latent_channels), jnp.float32)
-  clip_x0 = 1.0 if guidance.vae is None else None
-  timesteps = jnp.asarray(jnp.round(jnp.linspace(guidance.num_train_timesteps - 1, 0, num_steps)), jnp.int32)
-  t_prev = jnp.concatenate([timesteps[1:], jnp.array([-1], jnp.int32)])
-
-  def step(x, ts):
-    t, tp = ts
-    eps = guided_noise(guidance, params, x, jnp.full((b,), t, jnp.int32), cond, guidance_scale)
-    return sds.ddim_step(params["alphas_cumprod"], x, eps, t, tp, clip_x0), None
-
-  x, _ = jax.lax.scan(step, x, (timesteps, t_prev))
-  return sd.decode_latents(guidance, params["vae"], x)
-
-
 def load_zero123(model: str, *, dtype: str = "float32", settings: sd.SDSSettings = sd.SDSSettings(),
                  local_files_only: bool = True, cache_dir: str | os.PathLike | None = None,
                  device=None) -> tuple[Zero123Guidance, dict[str, Any]]:
@@ -273,17 +218,14 @@ def load_zero123(model: str, *, dtype: str = "float32", settings: sd.SDSSettings
     WeightMismatchError (a ValueError): weights that do not fit their configs.
     ValueError: bad dtype, settings or sizes.
   """
-  from dreamfusion_jax.guidance import sd_models  # pylint: disable=g-import-not-at-top
-
   if dtype not in sd_models.DTYPES:
     raise ValueError(f"guidance.dtype={dtype!r}; known: {tuple(sd_models.DTYPES)}")
-  if settings.method != "sds":
-    raise ValueError(f"guidance.method={settings.method!r}: image-to-3D guidance (Zero-1-to-3) implements sds only")
   jdtype = sd_models.DTYPES[dtype]
   root = resolve_model_dir(model, local_files_only=local_files_only, cache_dir=cache_dir)
   if not is_zero123(root):
-    raise sd.ModelNotFoundError(f"{model!r} ({root}) is not a Zero-1-to-3 checkpoint: it has no cc_projection/ "
-                                f"(a text-to-image model goes with a prompt, not --config.image)")
+    raise sd.ModelNotFoundError(f"config.guidance.model={model!r} ({root}) is not a Zero-1-to-3 checkpoint: it has "
+                                "no cc_projection/ (a text-to-image model goes with a prompt and "
+                                "config.guidance.prior='stable_diffusion', not --config.image)")
   unet_config = read_json(root / "unet" / "config.json")
   pixel_space = is_pixel_space(root)
   latent_channels = unet_config["in_channels"] // 2
@@ -292,12 +234,10 @@ def load_zero123(model: str, *, dtype: str = "float32", settings: sd.SDSSettings
   if unet_config["in_channels"] != 2 * vae_config.get("latent_channels", 4):
     raise ValueError(f"{root}/unet: in_channels {unet_config['in_channels']} must be twice the latent channels "
                      f"{vae_config.get('latent_channels', 4)} (noisy latents + the input image's)")
-  scheduler = read_json(root / "scheduler" / "scheduler_config.json")
   vae_downsample = 2 ** (len(vae_config.get("block_out_channels", (64,))) - 1)
   sd.check_sizes(settings, unet_config, vae_downsample)
-  prediction_type = scheduler.get("prediction_type", "epsilon")
-  if prediction_type not in ("epsilon", "v_prediction"):
-    raise ValueError(f"{root}/scheduler: prediction_type {prediction_type!r} is not supported")
+  alphas_cumprod, prediction_type = diffusion.read_scheduler(
+      read_json(root / "scheduler" / "scheduler_config.json"), f"{root}/scheduler")
   encoder_config = read_json(root / "image_encoder" / "config.json")
   preprocessor_path = root / "feature_extractor" / "preprocessor_config.json"
   preprocessor = read_json(preprocessor_path) if preprocessor_path.is_file() else {}
@@ -317,10 +257,7 @@ def load_zero123(model: str, *, dtype: str = "float32", settings: sd.SDSSettings
       "vae": {} if pixel_space else load_params(root / "vae", DIFFUSERS_WEIGHTS, vae_shapes, jdtype),
       "image_encoder": load_params(root / "image_encoder", TRANSFORMERS_WEIGHTS, encoder_shapes, jdtype),
       "cc_projection": load_params(root / "cc_projection", DIFFUSERS_WEIGHTS, projection_shapes, jnp.float32),
-      "alphas_cumprod": sds.ddpm_alphas_cumprod(
-          beta_start=scheduler.get("beta_start", 0.0001), beta_end=scheduler.get("beta_end", 0.02),
-          beta_schedule=scheduler.get("beta_schedule", "linear"),
-          num_train_timesteps=scheduler.get("num_train_timesteps", 1000)),
+      "alphas_cumprod": alphas_cumprod,
   }
   size = preprocessor.get("crop_size", preprocessor.get("size", encoder_config.get("image_size", 224)))
   if isinstance(size, Mapping):  # {"height": h, "width": w} or {"shortest_edge": s}
@@ -341,8 +278,6 @@ def write_zero123_dir(path: str | os.PathLike, params: Mapping[str, Mapping], *,
   `load_zero123` reads (fmt "flax" or "safetensors", see pipeline_dir.write_component);
   no vae/ when vae_config is None (pixel space). Not atomic: write into a fresh
   directory and rename it."""
-  from dreamfusion_jax.guidance import pipeline_dir  # pylint: disable=g-import-not-at-top
-
   root = pathlib.Path(path)
   prefix = "Flax" if fmt == "flax" else ""
   kernel = params["cc_projection"]["projection"]["kernel"]
@@ -367,6 +302,10 @@ def write_zero123_dir(path: str | os.PathLike, params: Mapping[str, Mapping], *,
     index["vae"] = ["diffusers", "AutoencoderKL"]
   pipeline_dir.write_json(root / "model_index.json", index)
   return root
+
+
+# What this prior conditions on: an input image and the view's camera (runs.py reads it).
+CONDITIONS_ON = "image"
 
 
 def from_config(cfg, **kwargs) -> tuple[Zero123Guidance, dict[str, Any]]:

@@ -10,7 +10,7 @@ model trained alongside the scene:
 eps_cfg: the frozen prior with classifier-free guidance (any conditioning, Perp-Neg
 included); eps_lora: the same prior with a low-rank update (LoRA) of every attention
 projection and the camera c embedded into its timestep embedding. The gradient is
-w(t) residual like every method of the family (sds.weighted_gradient).
+w(t) residual like every method of the family (guidance/distill.py).
 
 The LoRA ("trainable" below) is fitted to the renders, detached, by the usual
 denoising loss at its own timestep t' ~ U{0, ..., T-1} and noise:
@@ -20,7 +20,7 @@ denoising loss at its own timestep t' ~ U{0, ..., T-1} and noise:
 (in epsilon space for every model: for a v-prediction model that is the v loss times
 abar_t'). The surrogate loss's gradient reaches the scene only and the LoRA loss's
 the LoRA only, so one jax.grad of their sum over {scene, LoRA} parameters trains both;
-the train step applies it like any other parameter group (state.make_optimizer).
+the train step applies it like any other parameter group, at `settings.vsd_lr`.
 
 Parameterisation, as in diffusers' LoRA layers and threestudio's VSD: kernel W (in,
 out) of attn1/attn2's to_q, to_k, to_v, to_out_0 becomes W + A B, A (in, r) ~ N(0,
@@ -42,8 +42,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from dreamfusion_jax.guidance import sds
-from dreamfusion_jax.guidance import stable_diffusion as sd
+from dreamfusion_jax.guidance import conditioning, diffusion
 
 Array = jax.Array
 
@@ -63,16 +62,18 @@ def time_embed_dim(unet_params: Any) -> int:
   return int(unet_params["time_embedding"]["linear_2"]["kernel"].shape[-1])
 
 
-def init(key: Array, unet_params: Any, rank: int) -> dict:
+def init_state(params: Any, key: Array, settings) -> dict:
   """The trainable state of VSD: {"lora": {path...: {"a", "b"}}, "camera": {...}}.
 
   Args:
-    key: PRNG key (A's initialisation). unet_params: the frozen UNet's param tree
-      (arrays or ShapeDtypeStructs: only shapes are read). rank: r.
+    params: the prior's params; only the shapes of params["unet"] are read (arrays or
+      ShapeDtypeStructs). key: PRNG key (A's initialisation). settings: its
+      vsd_lora_rank is r.
 
   Returns:
     a float32 param tree whose contribution is zero (B = 0, last camera layer 0).
   """
+  unet_params, rank = params["unet"], settings.vsd_lora_rank
   flat = traverse_util.flatten_dict(unet_params)
   paths = lora_paths(unet_params)
   if not paths:
@@ -92,6 +93,10 @@ def init(key: Array, unet_params: Any, rank: int) -> dict:
   return {"lora": traverse_util.unflatten_dict(lora), "camera": camera}
 
 
+def state_learning_rate(settings) -> float:
+  return float(settings.vsd_lr)
+
+
 def merge_lora(unet_params: Any, lora: Any) -> Any:
   """The UNet's params with W + A B for every LoRA'd kernel (dtype of W kept)."""
   flat = dict(traverse_util.flatten_dict(unet_params))
@@ -108,19 +113,18 @@ def camera_embedding(camera: dict, c2w: Array) -> Array:
   return nn.silu(x @ camera["w1"] + camera["b1"]) @ camera["w2"] + camera["b2"]
 
 
-def lora_noise(guidance, params, trainable: dict, noisy_latents: Array, t: Array, text_emb: Array,
-               c2w: Array) -> Array:
-  """eps_lora(z_t; y, c, t): the prior with the LoRA merged and the camera embedding
-  added to its time embedding (flax method interception of the UNet's
-  `time_embedding`).
+def lora_noise(prior, params, state: dict, noisy_latents: Array, t: Array, cond, c2w: Array) -> Array:
+  """eps_lora(z_t; y, c, t): the prior under the conditioning's positive branch, with
+  the LoRA merged into params["unet"] and the camera embedding added to the UNet's
+  time embedding (flax method interception of its `time_embedding`).
 
   Args:
-    noisy_latents: (B, h, w, C). t: (B,) int32. text_emb: (B, L, D). c2w: (B, 3, 4).
+    noisy_latents: (B, h, w, C). t: (B,) int32. cond: a conditioning object. c2w: (B, 3, 4).
 
   Returns:
     (B, h, w, C) float32.
   """
-  offset = camera_embedding(trainable["camera"], c2w)
+  offset = camera_embedding(state["camera"], c2w)
 
   def add_camera(next_fun, args, kwargs, context):
     out = next_fun(*args, **kwargs)
@@ -128,33 +132,49 @@ def lora_noise(guidance, params, trainable: dict, noisy_latents: Array, t: Array
       out = out + offset.astype(out.dtype)
     return out
 
-  merged = {**params, "unet": merge_lora(params["unet"], trainable["lora"])}
+  merged = {**params, "unet": merge_lora(params["unet"], state["lora"])}
   with nn.intercept_methods(add_camera):
-    return sd.predict_noise(guidance, merged, noisy_latents, t, text_emb)
+    return prior.noise_predictions(merged, noisy_latents, t, [cond.positive()])[0]
 
 
-def _positive(cond_emb):
-  return cond_emb["pos"] if isinstance(cond_emb, dict) else cond_emb  # Perp-Neg's conditioning
+def residual(prior, params, latents: Array, cond, t: Array, noise: Array, *, scale, settings, state: dict,
+             c2w: Array) -> Array:
+  """eps_hat(z_t; y) - eps_lora(z_t; y, c): (B, h, w, C) float32 (see methods/__init__.py)."""
+  del settings
+  if state is None or c2w is None:
+    raise ValueError("guidance.method=vsd needs its trainable LoRA and the views' cameras")
+  noisy = diffusion.add_noise(params["alphas_cumprod"], latents, noise, t)
+  eps_hat = conditioning.guided_noise(prior, params, noisy, t, cond, scale)
+  return eps_hat - lora_noise(prior, params, state, noisy, t, cond, c2w)
 
 
-def residual(guidance, params, latents: Array, cond_emb, uncond_emb: Array, t: Array, noise: Array,
-             guidance_scale: Array | None = None, *, trainable: dict, c2w: Array) -> Array:
-  """eps_cfg(z_t; y) - eps_lora(z_t; y, c): (B, h, w, C) float32; see
-  stable_diffusion.sds_residual for the shared arguments. trainable: `init`'s tree;
-  c2w: (B, 3, 4) the rendered views' cameras."""
-  noisy = sds.add_noise(params["alphas_cumprod"], latents, noise, t)
-  eps_cfg = sd.guided_noise(guidance, params, noisy, t, cond_emb, uncond_emb, guidance_scale)
-  return eps_cfg - lora_noise(guidance, params, trainable, noisy, t, _positive(cond_emb), c2w)
-
-
-def lora_loss(guidance, params, trainable: dict, latents: Array, cond_emb, t: Array, noise: Array,
-              c2w: Array) -> Array:
+def lora_loss(prior, params, state: dict, latents: Array, cond, t: Array, noise: Array, c2w: Array) -> Array:
   """The LoRA's denoising loss on the (detached) latents of the renders; a scalar.
 
   Args:
     latents: (B, h, w, C). t: (B,) int32, the LoRA's own timesteps. noise: like latents.
   """
   latents = jax.lax.stop_gradient(latents.astype(jnp.float32))
-  noisy = sds.add_noise(params["alphas_cumprod"], latents, noise, t)
-  eps = lora_noise(guidance, params, trainable, noisy, t, _positive(cond_emb), c2w)
+  noisy = diffusion.add_noise(params["alphas_cumprod"], latents, noise, t)
+  eps = lora_noise(prior, params, state, noisy, t, cond, c2w)
   return jnp.mean((eps - noise) ** 2)
+
+
+def lora_draws(key: Array, latents_shape: tuple, num_train_timesteps: int) -> tuple[Array, Array]:
+  """The LoRA loss's own (t' (B,) int32, noise' (B, h, w, C)): each image's from
+  fold_in(its noise key, 1); `key` one key or (B, 2) per-image keys."""
+
+  def draw(k):
+    k_t, k_n = jax.random.split(jax.random.fold_in(k, 1))
+    return (jax.random.randint(k_t, (), 0, num_train_timesteps, dtype=jnp.int32),
+            jax.random.normal(k_n, latents_shape[1:], jnp.float32))
+
+  keys = key if jnp.ndim(key) == 2 else jax.random.split(key, latents_shape[0])
+  return jax.vmap(draw)(keys)
+
+
+def extra_losses(prior, params, state, latents, cond, *, key, c2w, settings) -> dict:
+  """{"vsd_lora_loss"}: the LoRA fitted to the renders at t' ~ U{0..T-1} (`lora_draws`)."""
+  del settings
+  t, noise = lora_draws(key, latents.shape, params["alphas_cumprod"].shape[0])
+  return {"vsd_lora_loss": lora_loss(prior, params, state, latents, cond, t, noise, c2w)}
