@@ -132,16 +132,3 @@ class BackgroundMLP(nn.Module):
     for i in range(self.num_layers):
       h = nn.relu(nn.Dense(self.hidden_dim, name=f"hidden_{i}")(h))
     return jax.nn.sigmoid(nn.Dense(3, name="output")(h))
-
-
-def solid_background(key: Optional[Array], batch_size: int, *, kind: str, color=(1.0, 1.0, 1.0)) -> Array:
-  """Per-image solid background: "fixed" (the given colour) or "random" (uniform RGB).
-
-  Returns:
-    (batch_size, 3) colours.
-  """
-  if kind == "fixed":
-    return jnp.broadcast_to(jnp.asarray(color, jnp.float32), (batch_size, 3))
-  if kind == "random":
-    return jax.random.uniform(key, (batch_size, 3))
-  raise ValueError(f"solid background kind must be fixed or random; got {kind!r}")

@@ -232,12 +232,3 @@ def prune(params: dict, stats: DensifyStats, *, min_opacity: float, max_scale: f
 def reset_opacity(params: dict, *, value: float = 0.01) -> dict:
   """The reference's periodic reset: opacity = min(opacity, value)."""
   return {**params, "opacity_logits": jnp.minimum(params["opacity_logits"], logit(value))}
-
-
-def zero_slots(tree, slots: Array):
-  """Zeros rows `slots` (C,) bool of every leaf of a params-shaped tree whose leading
-  dim is C (e.g. Adam's moments of rewritten Gaussians)."""
-  def zero(x):
-    return jnp.where(slots.reshape((-1,) + (1,) * (x.ndim - 1)), jnp.zeros_like(x), x)
-
-  return jax.tree_util.tree_map(zero, tree)
