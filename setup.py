@@ -39,7 +39,7 @@ setuptools.setup(
         # CPU torch for the PyTorch-parity tests and the benchmark reference; 2.13.0 is
         # the CPU build on our machines' disk (any other version pulls a CUDA build).
         "torch": ["torch==2.13.0"],
-        "test": ["pytest>=7.0", "pytest-xdist>=3.8", "torch==2.13.0"],
+        "test": ["pytest>=7.0", "pytest-xdist>=3.8", "torch==2.13.0", "ruff>=0.5"],
         "benchmark": ["torch==2.13.0"],
     },
 )
