@@ -76,7 +76,8 @@ def test_remat_recomputes_the_render_forward():
   scene = scene_lib.build_scene(config)
   settings = train.StepSettings.from_config(config, num_devices=1)
   params = jax.eval_shape(scene.init, jax.random.PRNGKey(0))
-  parts = benchmark.StepParts(config=config, guidance=None, guidance_params=None, embeddings=None, scene=scene,
+  parts = benchmark.StepParts(config=config, guidance=None, guidance_params=None, method=None, embeddings=None,
+                              scene=scene,
                               tx=None, settings=settings,
                               state=state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=None,
                                                      num_skipped=None),

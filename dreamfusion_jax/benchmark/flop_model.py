@@ -74,7 +74,8 @@ def render_flops(config: ml_collections.ConfigDict) -> Optional[float]:
   scene = scene_lib.build_scene(config)
   settings = train.StepSettings.from_config(config, num_devices=1)
   params = jax.eval_shape(scene.init, jax.random.PRNGKey(0))
-  parts = StepParts(config=config, guidance=None, guidance_params=None, embeddings=None, scene=scene, tx=None,
+  parts = StepParts(config=config, guidance=None, guidance_params=None, method=None, embeddings=None, scene=scene,
+                    tx=None,
                     settings=settings, state=state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                                                               opt_state=None, num_skipped=None),
                     base_key=jax.random.PRNGKey(0))
